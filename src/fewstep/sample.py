@@ -1,0 +1,273 @@
+"""``fewstep.sample``: drive any solver's generator with a model.
+
+Example::
+
+    >>> import torch, fewstep
+    >>> from fewstep import schedules, testbeds
+    >>> sch = schedules.EDM()
+    >>> gm = testbeds.Gaussian(mean=0.3, std=0.5, dim=2)
+    >>> model = gm.model(sch, prediction="x0")
+    >>> noise = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> x0 = fewstep.sample(model, noise, solver="dpm++", nfe=10)
+    >>> bool((x0 - gm.reference(noise, sch)).abs().max() < 1e-2)
+    True
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from . import grids as _grids
+from .model import Model, NetworkOutputError, view_coefficients
+from .noise import NoiseSource
+from .solvers import get as get_solver, Solver
+from .solvers.base import Evaluate, StepDone
+
+__all__ = ["sample", "SamplingError", "SampleInfo", "plan_for", "recommended"]
+
+
+class SamplingError(RuntimeError):
+    """The network produced NaN/Inf or an unusable output during sampling (names step and time)."""
+
+
+@dataclass
+class SampleInfo:
+    """What one call of :func:`sample` did: network evaluations, calls (sequential depth), grid."""
+
+    nfe: int
+    calls: int
+    solver: str
+    grid: list[float]
+
+
+# Measured with `fewstep bench accuracy` (docs/benchmarks.md): the training-free solver with the
+# lowest error at each budget on the mixture testbeds and the bundled digits model.
+_RECOMMENDED = [(3, ("dpm++", {"order": 2})), (math.inf, ("unipc", {"order": 3}))]
+
+
+def recommended(nfe: int) -> tuple[str, dict]:
+    """The default ``(solver, options)`` for a budget of ``nfe`` network evaluations."""
+    for limit, choice in _RECOMMENDED:
+        if nfe <= limit:
+            return choice[0], dict(choice[1])
+    raise AssertionError("unreachable")
+
+
+def _check_nfe(nfe) -> int:
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe: expected an integer >= 1, got {nfe!r}")
+    if nfe < 1:
+        raise ValueError(f"nfe: must be >= 1, got {nfe}")
+    return nfe
+
+
+def plan_for(model: Model, solver: Solver, nfe: int | None, grid) -> tuple[Any, torch.Tensor]:
+    """Resolve the grid for a budget and precompute the solver's plan (float64, once)."""
+    sch = model.schedule
+    if isinstance(grid, str) or grid is None:
+        if nfe is None:
+            raise ValueError("nfe: required with a named grid (or pass grid= as a tensor of times)")
+        nfe = _check_nfe(nfe)
+        if nfe < solver.min_nfe():
+            raise ValueError(f"nfe: {solver.name} with these options needs nfe >= {solver.min_nfe()}, got {nfe}")
+        times = _grids.make(grid or default_grid(sch), sch, solver.num_points(nfe))
+    else:
+        times = _grids.validate(grid, sch)
+        if nfe is not None:
+            _check_nfe(nfe)
+            want = solver.nfe_for_points(times.numel())
+            if want > nfe:
+                raise ValueError(
+                    f"nfe: the grid's {times.numel()} points cost {want} evaluations with {solver.name}, "
+                    f"more than nfe={nfe}"
+                )
+    return solver.prepare(sch, times), times
+
+
+def default_grid(schedule) -> str:
+    """The named grid used when none is given: uniform in log-SNR (measured best on average)."""
+    return "logsnr"
+
+
+def _check_noise(noise, model: Model) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise: expected a floating tensor, got dtype {noise.dtype}")
+    if noise.dim() < 1 or noise.shape[0] < 1:
+        raise ValueError(f"noise: expected a batch of at least one sample, got shape {tuple(noise.shape)}")
+    if model.sample_shape is not None and tuple(noise.shape[1:]) != tuple(model.sample_shape):
+        raise ValueError(
+            f"noise: each sample must have shape {tuple(model.sample_shape)} for this model, got {tuple(noise.shape[1:])}"
+        )
+    return noise
+
+
+def _state_dtype(noise: torch.Tensor, state_dtype) -> torch.dtype:
+    if state_dtype is not None:
+        if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise TypeError(f"state_dtype: expected a floating torch.dtype, got {state_dtype!r}")
+        return state_dtype
+    # Low-precision noise keeps a float32 state by default (accumulation in fp16 loses steps).
+    return torch.float32 if noise.dtype in (torch.float16, torch.bfloat16) else noise.dtype
+
+
+class _FiniteGuard:
+    """Stops on NaN/Inf without a host-device sync per step on GPUs.
+
+    Each network output is reduced to one float32 sum (NaN or Inf if any element is). On CPU the
+    check is immediate; on accelerators the sums are checked once at the end of sampling, which still
+    names the first bad step and its time.
+    """
+
+    def __init__(self, device: torch.device, solver_name: str):
+        self.immediate = device.type == "cpu"
+        self.solver_name = solver_name
+        self.pending: list[tuple[torch.Tensor, int, float]] = []
+
+    def check(self, tensors, step: int, t: float):
+        for v in tensors:
+            s = v.sum(dtype=torch.float32)
+            if self.immediate:
+                if not math.isfinite(float(s)):
+                    self._raise(step, t)
+            else:
+                self.pending.append((s, step, t))
+
+    def finish(self):
+        if not self.pending:
+            return
+        sums = torch.stack([p[0] for p in self.pending])
+        bad = ~torch.isfinite(sums)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            self._raise(self.pending[k][1], self.pending[k][2])
+
+    def _raise(self, step: int, t: float):
+        raise SamplingError(
+            f"{self.solver_name}: the network returned NaN or Inf at step {step} (t={t:.6g}); sampling stopped"
+        )
+
+
+def sample(
+    model: Model,
+    noise: torch.Tensor,
+    *,
+    solver: str | Solver | None = None,
+    nfe: int | None = None,
+    grid: str | torch.Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool | Any = False,
+    cond: Mapping[str, Any] | None = None,
+    state_dtype: torch.dtype | None = None,
+    return_info: bool = False,
+    **options,
+):
+    """Sample clean data from standard normal ``noise`` in ``nfe`` network evaluations.
+
+    Args:
+        model: a :class:`fewstep.Model`.
+        noise: standard normal tensor ``(batch, *sample_shape)``; scaled to ``t_max`` here.
+        solver: a name from :func:`fewstep.solvers.available` (default: the measured best for ``nfe``)
+            or a :class:`~fewstep.solvers.Solver` instance.
+        nfe: network evaluation budget (required with a named grid; never exceeded).
+        grid: a name from :data:`fewstep.grids.NAMES` or a decreasing 1-D tensor of schedule times.
+        generator: ``torch.Generator`` or one per sample (stochastic solvers; batch-invariant noise).
+        callback: called after each step with ``{"i", "t", "x", "x0"}``.
+        progress: ``True`` for a tqdm bar, or a tqdm instance to update.
+        cond: extra keyword arguments for the network (added to the model's own).
+        state_dtype: dtype of the solver state (default: the noise's, float32 for fp16/bf16 noise).
+        return_info: also return a :class:`SampleInfo`.
+        **options: solver options (``order=``, ...); unknown ones raise ``ValueError``.
+
+    Returns:
+        The clean sample in ``noise.dtype`` (and a :class:`SampleInfo` when ``return_info``).
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"model: expected a fewstep.Model, got {type(model).__name__}")
+    noise = _check_noise(noise, model)
+    if isinstance(solver, Solver):
+        if options:
+            raise ValueError(f"options {sorted(options)}: pass them to the solver instance instead")
+        solver_obj = solver
+    else:
+        if solver is None:
+            if nfe is None:
+                raise ValueError("nfe: required when no solver is named (the default solver depends on it)")
+            solver, defaults = recommended(_check_nfe(nfe))
+            options = {**defaults, **options}
+        solver_obj = get_solver(solver, **options)
+    plan, times = plan_for(model, solver_obj, nfe, grid)
+
+    dtype = _state_dtype(noise, state_dtype)
+    x = noise.to(dtype) * model.schedule.initial_scale
+    noise_source = None
+    if solver_obj.stochastic:
+        noise_source = NoiseSource(x, generator, times=times, schedule=model.schedule)
+    elif generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
+        raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(generator).__name__}")
+
+    view = solver_obj.view(plan)
+    guard = _FiniteGuard(x.device, solver_obj.name)
+    bar = _make_bar(progress, solver_obj.nfe_for_points(times.numel()))
+    nfe0, calls0 = model.nfe, model.calls
+    run = solver_obj.run(plan, x, noise_source)
+    last: tuple | None = None
+    try:
+        msg = next(run)
+        while True:
+            if type(msg) is Evaluate:
+                try:
+                    preds = model.evaluate(msg.xs, msg.nodes, view, cond)
+                except NetworkOutputError as e:
+                    raise NetworkOutputError(f"{solver_obj.name}, step {msg.step} (t={msg.nodes[0].t:.6g}): {e}") from e
+                guard.check(preds, msg.step, msg.nodes[0].t)
+                if bar is not None:
+                    bar.update(len(msg.nodes))
+                last = (msg, preds)
+                msg = run.send(preds)
+            else:
+                if callback is not None and type(msg) is StepDone:
+                    callback(_callback_dict(msg, last, view))
+                msg = run.send(None)
+    except StopIteration as stop:
+        out = stop.value
+    finally:
+        if bar is not None and progress is True:
+            bar.close()
+    guard.finish()
+    out = out.to(noise.dtype)
+    if return_info:
+        info = SampleInfo(model.nfe - nfe0, model.calls - calls0, solver_obj.name, times.tolist())
+        return out, info
+    return out
+
+
+def _callback_dict(msg: StepDone, last, view: str) -> dict:
+    x0 = None
+    if last is not None:
+        req, preds = last
+        node, x_eval, pred = req.nodes[-1], req.xs[-1], preds[-1]
+        if view == "x0":
+            x0 = pred
+        else:
+            # a view is itself a prediction type ("velocity" is "flow"), so the x0 view follows exactly
+            cx, co = view_coefficients("flow" if view == "velocity" else view, "x0", node)
+            x0 = torch.add(pred.mul(co), x_eval, alpha=cx)
+    return {"i": msg.i, "t": msg.t, "x": msg.x, "x0": x0}
+
+
+def _make_bar(progress, total):
+    if progress is False or progress is None:
+        return None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="sampling", unit="nfe", leave=False)
+    if hasattr(progress, "update"):
+        return progress
+    raise TypeError(f"progress: expected True/False or a tqdm bar, got {type(progress).__name__}")

@@ -1,0 +1,258 @@
+"""The one mechanism every solver shares.
+
+A solver is pure numerics. :meth:`Solver.prepare` turns ``(schedule, grid)`` into a plan of float64
+coefficients, once; :meth:`Solver.run` is a generator that *yields* requests and *receives* network
+predictions:
+
+* ``Evaluate(xs, nodes, step)`` – evaluate the model's view at each ``(x, node)`` pair, all in one
+  batched network call; the driver sends back a list of tensors.
+* ``StepDone(i, t, x)`` – step ``i`` reached time ``t`` with state ``x``; the driver sends ``None``.
+
+The generator returns the final clean sample. ``fewstep.sample``, the diffusers scheduler adapter,
+the k-diffusion-style functions and the distributed runner all drive the same generator.
+
+Most solvers (DDIM, Heun, DPM-Solver++, UniPC, DEIS, iPNDM, SA-Solver, DDPM, Euler–Maruyama,
+forward value) are *linear multistep predictor–corrector* schemes in some view: each step is a
+linear combination of the state, past predictions and a noise draw. They only fill a
+:class:`MultistepPlan` with coefficients; :func:`run_multistep` executes every one of them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Generator, Sequence
+
+import torch
+
+from ..schedules import Node, Schedule, ZERO_NOISE
+
+__all__ = [
+    "Evaluate",
+    "StepDone",
+    "Solver",
+    "MultistepPlan",
+    "Step",
+    "run_multistep",
+    "lincomb",
+    "register",
+    "REGISTRY",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluate:
+    """Request: the model's view at each ``(xs[k], nodes[k])``, in one batched call."""
+
+    xs: tuple
+    nodes: tuple
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """Progress event: step ``i`` finished at schedule time ``t`` (0.0 for the final clean sample)."""
+
+    i: int
+    t: float
+    x: torch.Tensor
+
+
+SolverRun = Generator[Any, Any, torch.Tensor]
+
+
+def lincomb(terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """``sum(c * v)`` with Python-float coefficients: no host-device sync, one fused op per term."""
+    (c0, v0), rest = terms[0], terms[1:]
+    if rest:
+        c1, v1 = rest[0]
+        out = torch.add(v0, v1, alpha=c1 / c0).mul_(c0) if c0 != 1.0 else torch.add(v0, v1, alpha=c1)
+        for c, v in rest[1:]:
+            out.add_(v, alpha=c)
+        return out
+    return v0.mul(c0) if c0 != 1.0 else v0.clone()
+
+
+# ------------------------------------------------------------------------------------------- plans
+@dataclass(slots=True)
+class Step:
+    """One linear update ``x_new = a * x + at * x_tilde + sum_k d[k] * D[newest-k] + noise * z``.
+
+    ``d[k]`` multiplies the k-th newest stored prediction. ``noise`` multiplies a standard normal
+    draw (one per step, shared between the predictor and the corrector of that step).
+    """
+
+    a: float
+    d: tuple[float, ...] = ()
+    at: float = 0.0
+    noise: float = 0.0
+
+    def terms(self, x, x_tilde, history, z):
+        out = []
+        if self.a != 0.0:
+            out.append((self.a, x))
+        if self.at != 0.0:
+            out.append((self.at, x_tilde))
+        for c, h in zip(self.d, history):
+            if c != 0.0:
+                out.append((c, h))
+        if self.noise != 0.0:
+            out.append((self.noise, z))
+        return out
+
+
+@dataclass
+class MultistepPlan:
+    """Coefficients of a linear multistep predictor–corrector scheme, precomputed in float64.
+
+    Evaluation ``i`` is at ``nodes[i]``; the last predictor steps to :data:`ZERO_NOISE`.
+
+    * ``predictors[i]`` maps the state at node ``i`` to the predicted state at node ``i+1``
+      (``x_tilde``); history entry 0 is the prediction just evaluated at node ``i``.
+    * ``correctors[i]`` (optional, ``i >= 1``) replaces the state at node ``i`` once its prediction
+      is known: ``x = a * x_prev + at * x_tilde + sum d[k] D[i-k] + noise * z_prev`` (UniC, SA-Corrector,
+      forward value).
+    * ``reevaluate[i]``: evaluate again at the corrected state and replace the newest prediction
+      (PECE mode, e.g. Heun).
+    * ``free_first``: the first prediction is the initial noise itself (forward-value samplers).
+    """
+
+    view: str
+    nodes: list[Node]
+    predictors: list[Step]
+    correctors: list[Step | None] = field(default_factory=list)
+    reevaluate: list[bool] = field(default_factory=list)
+    history: int = 1
+    free_first: bool = False
+    initial_scale: float = 1.0
+
+    @property
+    def nfe(self) -> int:
+        n = len(self.nodes) - (1 if self.free_first else 0)
+        return n + sum(bool(r) for r in self.reevaluate)
+
+    def times(self) -> list[float]:
+        return [n.t for n in self.nodes]
+
+
+def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], torch.Tensor] | None) -> SolverRun:
+    """Execute any :class:`MultistepPlan` (the generator shared by all multistep solvers)."""
+    history: list[torch.Tensor] = []
+    keep = max(1, plan.history)
+    n = len(plan.nodes)
+    correctors = plan.correctors or [None] * n
+    reevaluate = plan.reevaluate or [False] * n
+    x_tilde = x  # state at which node i is evaluated
+    x_prev = x
+    z_prev = None
+    for i in range(n):
+        node = plan.nodes[i]
+        if i == 0 and plan.free_first:
+            d = x_tilde * (1.0 / plan.initial_scale)
+        else:
+            (d,) = yield Evaluate((x_tilde,), (node,), i)
+        history.insert(0, d)
+        del history[keep:]
+        corr = correctors[i]
+        if corr is not None and i > 0:
+            x = lincomb(corr.terms(x_prev, x_tilde, history, z_prev))
+            if reevaluate[i]:
+                (history[0],) = yield Evaluate((x,), (node,), i)
+        else:
+            x = x_tilde
+        pred = plan.predictors[i]
+        z = noise(i) if (pred.noise != 0.0 and noise is not None) else None
+        x_tilde = lincomb(pred.terms(x, None, history, z))
+        x_prev, z_prev = x, z
+        yield StepDone(i, plan.nodes[i + 1].t if i + 1 < n else 0.0, x_tilde)
+    return x_tilde
+
+
+# ------------------------------------------------------------------------------------------ solvers
+class Solver:
+    """Base class. Subclasses set ``name``, ``orders``, ``options`` and implement ``prepare``/``run``.
+
+    ``options`` maps each accepted keyword to its default; ``check_options`` validates values.
+    Instances are immutable and hold no per-call state, so one solver is safe to share across threads.
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = False
+    orders: ClassVar[tuple[int, ...]] = (1,)
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown option(s) {unknown}; valid options: {sorted(self.options) or 'none'}"
+            )
+        merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+        if "order" in self.options:
+            order = merged["order"]
+            if not isinstance(order, int) or isinstance(order, bool) or order not in self.orders:
+                raise ValueError(f"order: {self.name} supports orders {list(self.orders)}, got {order!r}")
+        self.opts = merged
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Validate ``self.opts`` (raise ValueError naming the option and the accepted values)."""
+
+    # ---- budget --------------------------------------------------------------------------------
+    @property
+    def order(self) -> int:
+        return int(self.opts.get("order", self.orders[0]))
+
+    def evals_per_step(self) -> str:
+        """For the solver table: network evaluations per step."""
+        return "1"
+
+    def min_nfe(self) -> int:
+        return 1
+
+    def num_points(self, nfe: int) -> int:
+        """How many grid points a budget of ``nfe`` evaluations buys (never exceeding it)."""
+        return nfe
+
+    def nfe_for_points(self, num_points: int) -> int:
+        return num_points
+
+    # ---- numerics ------------------------------------------------------------------------------
+    def prepare(self, schedule: Schedule, times: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def run(self, plan: Any, x: torch.Tensor, noise: Callable[[int], torch.Tensor] | None) -> SolverRun:
+        return run_multistep(plan, x, noise)
+
+    def view(self, plan: Any) -> str:
+        return plan.view
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.opts.items())
+        return f"{type(self).__name__}({opts})"
+
+
+REGISTRY: dict[str, type[Solver]] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register(cls: type[Solver]) -> type[Solver]:
+    """Class decorator: make a solver available under ``cls.name`` and its aliases."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__}: a registered solver needs a name")
+    REGISTRY[cls.name] = cls
+    for a in cls.aliases:
+        ALIASES[a] = cls.name
+    return cls
+
+
+def nodes_with_end(schedule: Schedule, times: torch.Tensor) -> list[Node]:
+    """The grid's nodes followed by the zero-noise end point."""
+    return schedule.nodes(times) + [ZERO_NOISE]
+
+
+def expm1_neg(h: float) -> float:
+    """``1 - exp(-h)``, exact at ``h = inf`` (the final step to zero noise)."""
+    return 1.0 if h == math.inf else -math.expm1(-h)
