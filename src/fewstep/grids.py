@@ -39,7 +39,7 @@ def uniform(schedule: Schedule, n: int) -> torch.Tensor:
 
 
 def quadratic(schedule: Schedule, n: int) -> torch.Tensor:
-    return torch.linspace(math.sqrt(schedule.t_max), math.sqrt(schedule.t_min), n, dtype=F64) ** 2
+    return _in_range(schedule, torch.linspace(math.sqrt(schedule.t_max), math.sqrt(schedule.t_min), n, dtype=F64) ** 2)
 
 
 def _lambda_spaced(schedule: Schedule, n: int, spacing) -> torch.Tensor:
