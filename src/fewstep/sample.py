@@ -222,7 +222,7 @@ def sample(
         while True:
             if type(msg) is Evaluate:
                 try:
-                    preds = model.evaluate(msg.xs, msg.nodes, view, cond)
+                    preds = (msg.model or model).evaluate(msg.xs, msg.nodes, view, cond)
                 except NetworkOutputError as e:
                     raise NetworkOutputError(f"{solver_obj.name}, step {msg.step} (t={msg.nodes[0].t:.6g}): {e}") from e
                 guard.check(preds, msg.step, msg.nodes[0].t)

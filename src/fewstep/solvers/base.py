@@ -41,11 +41,16 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Evaluate:
-    """Request: the model's view at each ``(xs[k], nodes[k])``, in one batched call."""
+    """Request: the model's view at each ``(xs[k], nodes[k])``, in one batched call.
+
+    ``model`` names another :class:`fewstep.Model` to evaluate (multilevel solvers use a family of
+    networks); ``None`` means the model being sampled.
+    """
 
     xs: tuple
     nodes: tuple
     step: int
+    model: Any = None
 
 
 @dataclass(frozen=True, slots=True)
