@@ -1,4 +1,5 @@
 """Property-based checks over random schedules, grids, budgets and batch shapes, and thread safety."""
+import re
 import threading
 
 import pytest
@@ -11,7 +12,7 @@ from fewstep.solvers.base import REGISTRY
 
 F64 = torch.float64
 # solvers that need extra inputs (a file, a model family) are exercised by their own tests
-SELF_CONTAINED = sorted(n for n, cls in REGISTRY.items() if not getattr(cls, "needs_inputs", False))
+SELF_CONTAINED = sorted(n for n, cls in REGISTRY.items() if not cls.needs_inputs)
 
 
 @st.composite
@@ -86,5 +87,5 @@ def test_solvers_are_safe_to_share_across_threads():
 
 @pytest.mark.parametrize("name", SELF_CONTAINED)
 def test_every_solver_rejects_unknown_options(name):
-    with pytest.raises(ValueError, match=rf"{name}: unknown option\(s\) \['definitely_not_an_option'\]"):
+    with pytest.raises(ValueError, match=re.escape(f"{name}: unknown option(s) ['definitely_not_an_option']")):
         fewstep.solvers.get(name, definitely_not_an_option=1)

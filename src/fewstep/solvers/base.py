@@ -185,6 +185,8 @@ class Solver:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
+    #: True for solvers that cannot run from defaults alone (a searched file, a model family)
+    needs_inputs: ClassVar[bool] = False
     orders: ClassVar[tuple[int, ...]] = (1,)
     options: ClassVar[dict[str, Any]] = {}
 
