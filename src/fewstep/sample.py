@@ -115,7 +115,7 @@ def _state_dtype(noise: torch.Tensor, state_dtype) -> torch.dtype:
     return torch.float32 if noise.dtype in (torch.float16, torch.bfloat16) else noise.dtype
 
 
-class _FiniteGuard:
+class FiniteGuard:
     """Stops on NaN/Inf without a host-device sync per step on GPUs.
 
     Each network output is reduced to one float32 sum (NaN or Inf if any element is). On CPU the
@@ -212,7 +212,7 @@ def sample(
         raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(generator).__name__}")
 
     view = solver_obj.view(plan)
-    guard = _FiniteGuard(x.device, solver_obj.name)
+    guard = FiniteGuard(x.device, solver_obj.name)
     bar = _make_bar(progress, solver_obj.nfe_for_points(times.numel()))
     nfe0, calls0 = model.nfe, model.calls
     run = solver_obj.run(plan, x, noise_source)
