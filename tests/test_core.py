@@ -354,3 +354,25 @@ def test_solver_table_lists_every_solver():
     assert {r["name"] for r in rows} == set(fewstep.solvers.base.REGISTRY)
     assert all(r["nfe_per_step"] for r in rows)
     assert math.isfinite(len(rows))
+
+
+def test_start_from_a_partly_noised_state_follows_the_exact_flow():
+    sch = schedules.EDM()
+    g = testbeds.Gaussian(mean=[0.2, -0.4], std=0.5)
+    noise = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    t_start = 2.0
+    x_start = g.reference(noise, sch, t_end=t_start)  # the exact state at t_start
+    exact = g.reference(noise, sch)
+    errors = []
+    for nfe in (20, 40):
+        out, info = fewstep.sample(g.model(sch, "x0"), x_start, solver="dpm++", nfe=nfe, start=t_start, return_info=True)
+        assert info.grid[0] == t_start and info.nfe == nfe
+        errors.append(float((out - exact).abs().max()))
+    # converges to the exact end point at second order from the exact intermediate state
+    assert errors[1] < 5e-3 and errors[0] / errors[1] > 3.0
+    with pytest.raises(ValueError, match="start: must lie in"):
+        fewstep.sample(g.model(sch, "x0"), x_start, solver="dpm++", nfe=4, start=100.0)
+    with pytest.raises(ValueError, match="grid: with start=2 the grid must begin"):
+        fewstep.sample(g.model(sch, "x0"), x_start, solver="dpm++", grid=torch.tensor([3.0, 1.0]), start=2.0)
+    with pytest.raises(ValueError, match="start: fv treats its first state as pure noise"):
+        fewstep.sample(g.model(sch, "x0"), x_start, solver="fv", nfe=4, start=2.0)

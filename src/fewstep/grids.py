@@ -17,6 +17,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -72,8 +73,18 @@ _NAMED = {"uniform": uniform, "logsnr": logsnr, "karras": karras, "quadratic": q
 NAMES = tuple(_NAMED)
 
 
-def make(grid, schedule: Schedule, n: int) -> torch.Tensor:
-    """A decreasing float64 grid of ``n`` schedule times (``grid`` a name from :data:`NAMES`)."""
+def make(grid, schedule: Schedule, n: int, t_start: float | None = None) -> torch.Tensor:
+    """A decreasing float64 grid of ``n`` schedule times (``grid`` a name from :data:`NAMES`).
+
+    ``t_start`` (default ``t_max``) shortens the range, for sampling that starts from a partly noised
+    state (SDEdit, img2img): the named spacing is then applied over ``[t_min, t_start]``.
+    """
+    if t_start is not None:
+        t_start = float(t_start)
+        if not (schedule.t_min < t_start <= schedule.t_max):
+            raise ValueError(f"start: must lie in ({schedule.t_min:g}, {schedule.t_max:g}], got {t_start:g}")
+        schedule = copy.copy(schedule)
+        schedule.t_max = t_start
     if not isinstance(grid, str):
         raise TypeError(f"grid: expected a name or a tensor, got {type(grid).__name__}")
     if grid not in _NAMED:

@@ -64,7 +64,7 @@ def _check_nfe(nfe) -> int:
     return nfe
 
 
-def plan_for(model: Model, solver: Solver, nfe: int | None, grid) -> tuple[Any, torch.Tensor]:
+def plan_for(model: Model, solver: Solver, nfe: int | None, grid, start: float | None = None) -> tuple[Any, torch.Tensor]:
     """Resolve the grid for a budget and precompute the solver's plan (float64, once)."""
     sch = model.schedule
     if isinstance(grid, str) or grid is None:
@@ -73,9 +73,11 @@ def plan_for(model: Model, solver: Solver, nfe: int | None, grid) -> tuple[Any, 
         nfe = _check_nfe(nfe)
         if nfe < solver.min_nfe():
             raise ValueError(f"nfe: {solver.name} with these options needs nfe >= {solver.min_nfe()}, got {nfe}")
-        times = _grids.make(grid or default_grid(sch), sch, solver.num_points(nfe))
+        times = _grids.make(grid or default_grid(sch), sch, solver.num_points(nfe), t_start=start)
     else:
         times = _grids.validate(grid, sch)
+        if start is not None and abs(float(times[0]) - float(start)) > 1e-9 * max(1.0, abs(float(start))):
+            raise ValueError(f"grid: with start={start:g} the grid must begin at that time, got {float(times[0]):g}")
         if nfe is not None:
             _check_nfe(nfe)
             want = solver.nfe_for_points(times.numel())
@@ -164,6 +166,7 @@ def sample(
     progress: bool | Any = False,
     cond: Mapping[str, Any] | None = None,
     state_dtype: torch.dtype | None = None,
+    start: float | None = None,
     return_info: bool = False,
     **options,
 ):
@@ -181,6 +184,8 @@ def sample(
         progress: ``True`` for a tqdm bar, or a tqdm instance to update.
         cond: extra keyword arguments for the network (added to the model's own).
         state_dtype: dtype of the solver state (default: the noise's, float32 for fp16/bf16 noise).
+        start: sample from a partly noised state: ``noise`` is then the state at schedule time
+            ``start`` (used as is, not scaled) and named grids span ``[t_min, start]`` (SDEdit, img2img).
         return_info: also return a :class:`SampleInfo`.
         **options: solver options (``order=``, ...); unknown ones raise ``ValueError``.
 
@@ -201,10 +206,12 @@ def sample(
             solver, defaults = recommended(_check_nfe(nfe))
             options = {**defaults, **options}
         solver_obj = get_solver(solver, **options)
-    plan, times = plan_for(model, solver_obj, nfe, grid)
+    plan, times = plan_for(model, solver_obj, nfe, grid, start)
+    if start is not None and getattr(plan, "free_first", False):
+        raise ValueError(f"start: {solver_obj.name} treats its first state as pure noise; it cannot start at t={start:g}")
 
     dtype = _state_dtype(noise, state_dtype)
-    x = noise.to(dtype) * model.schedule.initial_scale
+    x = noise.to(dtype) if start is not None else noise.to(dtype) * model.schedule.initial_scale
     noise_source = None
     if solver_obj.stochastic:
         noise_source = NoiseSource(x, generator, times=times, schedule=model.schedule)
