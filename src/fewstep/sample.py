@@ -214,7 +214,8 @@ def sample(
     x = noise.to(dtype) if start is not None else noise.to(dtype) * model.schedule.initial_scale
     noise_source = None
     if solver_obj.stochastic:
-        noise_source = NoiseSource(x, generator, times=times, schedule=model.schedule)
+        noise_source = NoiseSource(x, generator, times=times, schedule=model.schedule,
+                                   brownian=bool(solver_obj.opts.get("brownian", False)))
     elif generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
         raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(generator).__name__}")
 
