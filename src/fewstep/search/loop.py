@@ -1,0 +1,488 @@
+"""The search: fit a solver's grid and multistep weights to one model's teacher trajectories.
+
+1. Noise: ``samples`` training and ``val_samples`` held-out draws from a seed that no benchmark
+   uses (so benchmark noise stays unseen).
+2. Teacher: :func:`fewstep.search.teacher.cached` -- DPM-Solver++(3M) at ``teacher_steps``
+   evaluations, dense (Hermite interpolation), cached.
+3. Start: every training-free solver the search space contains (DDIM, DPM-Solver++ 2M/3M or
+   Adams–Bashforth 2/3, on the ``logsnr``, ``karras``, ``uniform`` and ``quadratic`` grids) is run on
+   part of the training set; the best one is the starting point, so the search starts no worse than
+   any of them.
+4. Optimise (Adam, cosine learning rate, mini-batches): the loss is the end point's mean squared
+   error to the teacher plus ``mid_weight`` times the mean squared error of the intermediate states
+   to the teacher's states at the solver's own (moving) times -- DS-Solver's trajectory loss
+   (Wang et al. 2025, Sec. 5 / their ``TrajsReWeightTrainer``), with the teacher interpolated rather
+   than rounded to its nearest step.
+5. Early stop: the held-out end-point RMSE is measured every ``eval_every`` iterations; the best
+   parameters by that number are returned, and the search stops after ``patience`` measurements
+   without improvement.
+
+Example::
+
+    >>> import torch
+    >>> from fewstep import schedules, testbeds
+    >>> from fewstep.search import search, rollout
+    >>> sch = schedules.DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 1000))
+    >>> gm = testbeds.mixtures()["gmm16"]
+    >>> result = search(rollout.differentiable_testbed(gm, sch), nfe=4, samples=32, val_samples=16,
+    ...                 iterations=10, teacher_steps=32, use_cache=False)
+    >>> result.val_rmse <= result.val_rmse_init
+    True
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from .. import grids as _grids
+from ..model import Model
+from . import teacher as _teacher
+from .parameterisation import SolverParameters, _to_coord, _to_time, coordinate_range, default_view, step_table
+from .rollout import differentiable_view, rollout
+
+__all__ = ["search", "SearchResult", "evaluate_rmse", "search_noise", "NOISE_SEED_OFFSET", "candidates"]
+
+F64 = torch.float64
+#: Search noise comes from ``torch.Generator().manual_seed(NOISE_SEED_OFFSET + seed)``; benchmarks
+#: use small seeds (``fewstep bench``: 0), so searched solvers are always measured on unseen noise.
+NOISE_SEED_OFFSET = 0x5EA4C4
+INIT_GRIDS = ("logsnr", "karras", "uniform", "quadratic")
+#: Starting grids also come squeezed towards t_max by these shares of the searched coordinate (the
+#: last node off t_min): a softmax share near zero barely moves under gradient steps, so the search
+#: also starts from grids whose last node can still move.
+INIT_SHARES = (0.0, 0.03, 0.1)
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` found and how well: RMSE of the end point to the teacher's."""
+
+    params: SolverParameters
+    nfe: int
+    init: str  # the best training-free start (its errors are the *_init numbers)
+    continued_from: str  # the start whose optimisation gave the result
+    train_rmse_init: float
+    val_rmse_init: float
+    train_rmse: float
+    val_rmse: float
+    iterations: int
+    seconds: float
+    teacher_seconds: float
+    teacher_cached: bool
+    cpu_seconds: float  # process CPU time of teacher + search, all threads (the load-independent cost)
+    samples: int
+    val_samples: int
+    teacher_steps: int
+    history: list = field(default_factory=list)  # (iteration, train batch rmse, val rmse)
+
+    def summary(self) -> dict:
+        """JSON-able numbers for the file's metadata."""
+        d = asdict(self)
+        d.pop("params")
+        d["history"] = [list(h) for h in self.history[-50:]]
+        return d
+
+
+def search_noise(n: int, shape, seed: int, dtype=F64) -> torch.Tensor:
+    """The search's standard normal noise: ``n`` draws from seed ``NOISE_SEED_OFFSET + seed``."""
+    g = torch.Generator().manual_seed(NOISE_SEED_OFFSET + int(seed))
+    return torch.randn(n, *shape, generator=g, dtype=dtype)
+
+
+def _batch_cond(cond: Mapping | None, index, total: int) -> dict | None:
+    if not cond:
+        return None
+    return {k: (v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == total else v)
+            for k, v in cond.items()}
+
+
+@torch.no_grad()
+def evaluate_rmse(model: Model, params: SolverParameters, noise: torch.Tensor, target: torch.Tensor,
+                  cond: Mapping | None = None, chunk: int = 256) -> float:
+    """RMSE of the searched update's end point to ``target`` (over every sample and coordinate)."""
+    table = step_table(params, model.schedule)
+    total, count = 0.0, 0
+    for lo in range(0, noise.shape[0], chunk):
+        index = slice(lo, lo + chunk)
+        end, _ = rollout(model, noise[index].to(_state_dtype(model)), table, _batch_cond(cond, index, noise.shape[0]))
+        diff = end.to(F64) - target[index].to(F64)
+        total += float(diff.pow(2).sum())
+        count += diff.numel()
+    return math.sqrt(total / count)
+
+
+def _state_dtype(model: Model) -> torch.dtype:
+    return F64 if model.dtype in (None, F64) else torch.float32
+
+
+def _check_differentiable(model: Model, view: str) -> None:
+    """One evaluation on two samples: the network must pass gradients to its input (before any teacher work)."""
+    x = torch.zeros(2, *model.sample_shape, dtype=_state_dtype(model), requires_grad=True)
+    t = torch.tensor(0.5 * (model.schedule.t_min + model.schedule.t_max), dtype=F64)
+    nfe, calls = model.nfe, model.calls
+    with torch.enable_grad():
+        differentiable_view(model, x, t, view)
+    model.nfe, model.calls = nfe, calls
+
+
+def candidates(schedule, nfe: int, view: str) -> list[tuple[str, SolverParameters]]:
+    """The training-free solvers the search space contains at this NFE, as starting points."""
+    out = []
+    names = {"x0": {1: "ddim", 2: "dpm++(2M)", 3: "dpm++(3M)"},
+             "velocity": {1: "euler", 2: "adams-bashforth-2", 3: "adams-bashforth-3"}}[view]
+    for grid in INIT_GRIDS:
+        times = _grids.make(grid, schedule, nfe)
+        for order in (1, 2, 3):
+            if order > max(1, nfe - 1):
+                continue
+            for share in INIT_SHARES:
+                try:
+                    p = SolverParameters.from_grid(schedule, _compressed(schedule, view, times, share),
+                                                   base_order=order, view=view)
+                except ValueError:
+                    continue
+                label = f"{names[order]} on the {grid} grid"
+                if share:
+                    label += f" ending {share:g} of the {'log-SNR' if view == 'x0' else 'time'} range early"
+                out.append((label, p))
+    return out
+
+
+def _compressed(schedule, view: str, times: torch.Tensor, share: float) -> torch.Tensor:
+    """The grid squeezed towards ``t_max`` in the searched coordinate, ending ``share`` of it early."""
+    if share == 0:
+        return times
+    c0, c1 = coordinate_range(schedule, view)
+    coords = _to_coord(schedule, view, times)
+    out = _to_time(schedule, view, c0 + (coords - c0) * (1.0 - share))
+    out[0] = schedule.t_max
+    return out
+
+
+def search(
+    model: Model,
+    nfe: int,
+    *,
+    samples: int = 256,
+    val_samples: int = 64,
+    seed: int = 0,
+    iterations: int = 200,
+    optimizer: str = "lbfgs",
+    batch: int = 64,
+    lr: float | None = None,
+    mid_weight: float = 1.0,
+    offsets: bool = True,
+    teacher_steps: int = 100,
+    view: str | None = None,
+    base: int | None = None,
+    cond_fn: Callable[[int, torch.Generator], Mapping] | None = None,
+    exact_end: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    exact_name: str = "",
+    eval_every: int = 10,
+    patience: int = 5,
+    starts: int = 3,
+    time_budget: float | None = None,
+    chunk: int = 256,
+    cache_dir=None,
+    use_cache: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Search a solver for ``model`` at ``nfe`` network evaluations.
+
+    Args:
+        model: a :class:`fewstep.Model` whose network is differentiable (a ``torch.nn.Module``, or
+            :func:`fewstep.search.rollout.differentiable_testbed` for the exact testbeds).
+        nfe: the budget (number of network evaluations, the final step to zero noise included).
+        samples, val_samples: training and held-out noise draws.
+        seed: selects the noise (and labels from ``cond_fn``).
+        iterations: optimiser iterations (L-BFGS: loss-and-gradient evaluations on the whole
+            training set; Adam: mini-batch steps).
+        optimizer: ``"lbfgs"`` (full batch, deterministic; default) or ``"adam"`` (mini-batches of
+            ``batch`` samples, cosine learning rate from ``lr``, default 2e-2).
+        lr: L-BFGS step scale (default 1, with a strong-Wolfe line search) or Adam's peak rate.
+        mid_weight: weight of the intermediate-state loss (0 = end point only).
+        offsets: also search the time the network is told at each node (see
+            :mod:`~fewstep.search.parameterisation`); ``False`` is DS-Solver's search space.
+        teacher_steps: the teacher's evaluations per sample (DPM-Solver++(3M) on a log-SNR grid).
+        view: ``"x0"`` or ``"velocity"`` (default: by schedule, see
+            :func:`~fewstep.search.parameterisation.default_view`).
+        base: force the base order (1-3) instead of picking the best training-free start.
+        cond_fn: ``cond_fn(n, generator) -> dict`` of per-sample conditioning (e.g. class labels).
+        exact_end: exact end points for the teacher (testbeds); ``exact_name`` names them in the cache key.
+        eval_every, patience: validation period (iterations) and early-stopping patience (measurements).
+        starts: how many of the best training-free starting points get a short trial run (up to
+            ``3 * eval_every`` iterations each) before the best continues.
+        time_budget: stop optimising after this many seconds (the teacher not counted).
+        chunk: samples per network call (memory).
+        cache_dir, use_cache: where teacher trajectories are cached.
+        progress: show tqdm bars (teacher, then the search with train/validation RMSE).
+        log: called with one-line messages (start solver, teacher, stops).
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"model: expected a fewstep.Model, got {type(model).__name__}")
+    for name, v, lo in (("nfe", nfe, 1), ("samples", samples, 1), ("val_samples", val_samples, 1),
+                        ("iterations", iterations, 0), ("batch", batch, 1), ("teacher_steps", teacher_steps, 1),
+                        ("eval_every", eval_every, 1), ("patience", patience, 1), ("chunk", chunk, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+    if optimizer not in ("lbfgs", "adam"):
+        raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
+    if model.sample_shape is None:
+        raise ValueError("model: needs sample_shape (the shape of one sample) to draw search noise")
+    if base is not None and base not in (1, 2, 3):
+        raise ValueError(f"base: expected 1, 2, 3 or None (pick the best), got {base!r}")
+    if lr is not None and not (lr > 0):
+        raise ValueError(f"lr: expected a positive number, got {lr!r}")
+    if not (mid_weight >= 0):
+        raise ValueError(f"mid_weight: expected a number >= 0, got {mid_weight!r}")
+    sch = model.schedule
+    view = view or default_view(sch)
+    say = log or (lambda msg: None)
+    _check_differentiable(model, view)
+
+    # ---- noise, conditioning and teacher ------------------------------------------------------
+    cpu0 = time.process_time()
+    total = samples + val_samples
+    noise = search_noise(total, model.sample_shape, seed)
+    cond = dict(cond_fn(total, torch.Generator().manual_seed(NOISE_SEED_OFFSET + 1 + int(seed)))) if cond_fn else None
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=teacher_steps * math.ceil(total / chunk), desc="teacher", unit="eval", leave=False)
+    traj, from_cache = _teacher.cached(model, noise, teacher_steps, cond=cond, exact_end=exact_end,
+                                       exact_name=exact_name, cache_dir=cache_dir, progress=bar,
+                                       use_cache=use_cache, chunk=chunk)
+    if bar is not None:
+        bar.close()
+    teacher_seconds = time.perf_counter() - t0
+    say(f"teacher: {total} trajectories, DPM-Solver++(3M) x {teacher_steps} evaluations "
+        f"({'from cache' if from_cache else f'{teacher_seconds:.1f} s'})")
+    t_start = time.perf_counter()
+    train, val = slice(0, samples), slice(samples, total)
+    dtype = _state_dtype(model)
+    train_noise, val_noise = noise[train].to(dtype), noise[val].to(dtype)
+    train_traj = traj.subset(train)
+    train_cond, val_cond = _batch_cond(cond, train, total), _batch_cond(cond, val, total)
+    val_end = traj.end[val]
+
+    # ---- start from the best training-free solvers in the search space ---------------------------
+    probe = slice(0, min(samples, 64))
+    probe_cond = _batch_cond(train_cond, probe, samples)
+    options = candidates(sch, nfe, view)
+    if base is not None:
+        options = [(n, p) for n, p in options if p.base_order == base] or options
+    scored = []
+    for name, p in options:
+        err = evaluate_rmse(model, p, train_noise[probe], train_traj.end[probe], probe_cond, chunk)
+        if math.isfinite(err):
+            scored.append((err, name, p))
+    if not scored:
+        raise RuntimeError("search: every starting solver diverged on this model")
+    scored.sort(key=lambda s: s[0])
+    say(f"start: {scored[0][1]} (training RMSE {scored[0][0]:.4g} on {probe.stop} samples; "
+        f"best of {len(scored)} training-free starts)")
+    init_name, init = scored[0][1], scored[0][2]
+    train_rmse_init = evaluate_rmse(model, init, train_noise, train_traj.end, train_cond, chunk)
+    val_rmse_init = evaluate_rmse(model, init, val_noise, val_end, val_cond, chunk)
+
+    fit = _Fit(model, sch, train_noise, train_traj, train_cond, mid_weight, chunk, offsets,
+               lambda p: evaluate_rmse(model, p, val_noise, val_end, val_cond, chunk))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, desc=f"search nfe={nfe}", unit="it", leave=False)
+    fit.bar = bar
+    deadline = None if time_budget is None else t_start + time_budget
+    # several starts, briefly (the loss is not convex: different training-free solvers lead to
+    # different optima), then the best by validation error is optimised to the end
+    runs = []
+    trial_budget = min(iterations // (2 * max(starts, 1)), 3 * eval_every) if starts > 1 else 0
+    for _, name, p in scored[: starts if trial_budget > 0 else 1]:
+        run = fit.new_run(p, name, optimizer, lr, batch, seed, iterations)
+        if trial_budget > 0:
+            fit.advance(run, trial_budget, eval_every, patience, deadline)
+        runs.append(run)
+    run = min(runs, key=lambda r: r.best[0])
+    if len(runs) > 1:
+        say("trial starts: " + "; ".join(f"{r.name}: validation RMSE {r.best[0]:.4g}" for r in runs)
+            + f" -> continuing {run.name}")
+    fit.advance(run, iterations - fit.evals, eval_every, patience, deadline)
+    if bar is not None:
+        bar.close()
+    if run.stop:
+        say(run.stop)
+    final = run.best[1]
+    history = [(0, train_rmse_init, val_rmse_init)] + run.history
+    return SearchResult(
+        params=final,
+        nfe=nfe,
+        init=init_name,
+        continued_from=run.name,
+        train_rmse_init=train_rmse_init,
+        val_rmse_init=val_rmse_init,
+        train_rmse=evaluate_rmse(model, final, train_noise, train_traj.end, train_cond, chunk),
+        val_rmse=run.best[0],
+        iterations=fit.evals,
+        seconds=time.perf_counter() - t_start,
+        teacher_seconds=teacher_seconds,
+        teacher_cached=from_cache,
+        cpu_seconds=time.process_time() - cpu0,
+        samples=samples,
+        val_samples=val_samples,
+        teacher_steps=teacher_steps,
+        history=history,
+    )
+
+
+@dataclass
+class _Run:
+    """One optimisation run: its parameters, optimiser and best validated point."""
+
+    name: str
+    params: SolverParameters
+    opt: torch.optim.Optimizer
+    best: tuple
+    history: list = field(default_factory=list)
+    stale: int = 0
+    stop: str | None = None
+    step: int = 0
+    order: torch.Tensor | None = None
+    cursor: int = 0
+    batch: int = 0
+    running: float | None = None
+    gen: torch.Generator | None = None
+    sched: object = None
+
+
+class _Fit:
+    """The training data and loss, shared by every run of one search."""
+
+    def __init__(self, model, schedule, noise, traj, cond, mid_weight, chunk, offsets, validate):
+        self.model, self.schedule = model, schedule
+        self.noise, self.traj, self.cond = noise, traj, cond
+        self.samples = noise.shape[0]
+        self.mid_weight, self.chunk, self.offsets = mid_weight, chunk, offsets
+        self.validate = validate
+        self.evals = 0
+        self.bar = None
+
+    def loss(self, params: SolverParameters, index, weight: float) -> tuple[float, float]:
+        """Loss on the samples ``index`` (times ``weight``), backpropagated; ``(loss, end-point MSE)``."""
+        table = step_table(params, self.schedule)
+        end, states = rollout(self.model, self.noise[index], table, _batch_cond(self.cond, index, self.samples))
+        sub = self.traj.subset(index)
+        loss_end = (end.to(F64) - sub.end).pow(2).mean()
+        loss = loss_end
+        if self.mid_weight > 0 and states:
+            # intermediate states against the teacher at the solver's own times (DS-Solver's trajectory loss)
+            mid = sum((s.to(F64) - sub.at(table.times[i + 1])).pow(2).mean() for i, s in enumerate(states))
+            loss = loss + self.mid_weight * mid / len(states)
+        (loss * weight).backward()
+        return float(loss.detach()) * weight, float(loss_end.detach()) * weight
+
+    def new_run(self, start: SolverParameters, name: str, optimizer: str, lr, batch: int, seed: int,
+                iterations: int) -> _Run:
+        params = start.detached()
+        searched = params.tensors() if self.offsets else params.tensors()[:2]
+        for t in searched:
+            t.requires_grad_(True)
+        if optimizer == "lbfgs":
+            opt = torch.optim.LBFGS(searched, lr=lr or 1.0, history_size=20, line_search_fn="strong_wolfe",
+                                    tolerance_grad=1e-12, tolerance_change=1e-14)
+        else:
+            opt = torch.optim.Adam(searched, lr=lr or 2e-2)
+        run = _Run(name, params, opt, (self.validate(params), params.detached(), 0))
+        if optimizer == "adam":
+            run.gen = torch.Generator().manual_seed(NOISE_SEED_OFFSET + 2 + int(seed))
+            run.order = torch.randperm(self.samples, generator=run.gen)
+            run.batch = batch
+            run.sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda k: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k, iterations) / max(iterations, 1))))
+        return run
+
+    def _measure(self, run: _Run, train_rmse: float) -> None:
+        val = self.validate(run.params)
+        run.history.append((self.evals, train_rmse, val))
+        if math.isfinite(val) and val < run.best[0]:
+            run.best, run.stale = (val, run.params.detached(), self.evals), 0
+        else:
+            run.stale += 1
+        if self.bar is not None:
+            self.bar.set_postfix(train=f"{train_rmse:.3g}", val=f"{val:.3g}", best=f"{run.best[0]:.3g}")
+
+    def advance(self, run: _Run, budget: int, eval_every: int, patience: int, deadline) -> None:
+        """Spend up to ``budget`` loss evaluations on ``run`` (validating every ``eval_every``)."""
+        if isinstance(run.opt, torch.optim.LBFGS):
+            self._advance_lbfgs(run, budget, eval_every, patience, deadline)
+        else:
+            self._advance_adam(run, budget, eval_every, patience, deadline)
+
+    def _tick(self):
+        self.evals += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _advance_lbfgs(self, run, budget, eval_every, patience, deadline):
+        full = torch.arange(self.samples)
+        last = {"train": math.nan}
+
+        def closure():
+            run.opt.zero_grad(set_to_none=True)
+            total_loss, total_end = 0.0, 0.0
+            for lo in range(0, self.samples, self.chunk):
+                index = full[lo: lo + self.chunk]
+                l, e = self.loss(run.params, index, index.numel() / self.samples)
+                total_loss, total_end = total_loss + l, total_end + e
+            self._tick()
+            last["train"] = math.sqrt(total_end)
+            return torch.tensor(total_loss, dtype=F64)
+
+        spent = 0
+        while spent < budget and run.stop is None:
+            group = run.opt.param_groups[0]
+            group["max_iter"] = group["max_eval"] = min(eval_every, budget - spent)
+            before = self.evals
+            run.opt.step(closure)
+            made = self.evals - before
+            spent += made
+            if made == 0:
+                run.stop = f"converged after {self.evals} evaluations"
+                break
+            self._measure(run, last["train"])
+            if made < group["max_eval"]:
+                # L-BFGS returns early only when its gradient or step tolerance is met
+                run.stop = f"converged after {self.evals} evaluations"
+            elif run.stale >= patience:
+                run.stop = f"early stop after {self.evals} evaluations (validation flat for {patience} rounds)"
+            elif deadline is not None and time.perf_counter() > deadline:
+                run.stop = f"time budget reached after {self.evals} evaluations"
+
+    def _advance_adam(self, run, budget, eval_every, patience, deadline):
+        for _ in range(budget):
+            if run.cursor + run.batch > self.samples:
+                run.order, run.cursor = torch.randperm(self.samples, generator=run.gen), 0
+            index = run.order[run.cursor: run.cursor + run.batch]
+            run.cursor += run.batch
+            run.opt.zero_grad(set_to_none=True)
+            _, e = self.loss(run.params, index, 1.0)
+            run.opt.step()
+            run.sched.step()
+            run.step += 1
+            self._tick()
+            run.running = math.sqrt(e) if run.running is None else 0.9 * run.running + 0.1 * math.sqrt(e)
+            if run.step % eval_every == 0:
+                self._measure(run, run.running)
+                if run.stale >= patience:
+                    run.stop = f"early stop at iteration {run.step} (validation flat for {patience} rounds)"
+                    return
+            if deadline is not None and time.perf_counter() > deadline:
+                run.stop = f"time budget reached at iteration {run.step}"
+                return

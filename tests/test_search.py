@@ -1,0 +1,237 @@
+"""Differentiable solver search: the coefficient formula, its parity with the solvers, the teacher,
+the file, the searched solver, a tiny search and the command line."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fewstep
+from fewstep import schedules, testbeds
+from fewstep.search import fileformat, loop, parameterisation as P, rollout as R, teacher as T
+from fewstep.solvers.coefficients import lagrange_weights
+
+F64 = torch.float64
+
+
+def linear_vp():
+    return schedules.DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=F64))
+
+
+def random_params(schedule, n, view=None, seed=0, base_order=2, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    view = view or P.default_view(schedule)
+    return P.SolverParameters(view, base_order, torch.randn(n, generator=g, dtype=F64),
+                              scale * torch.randn(n, n, generator=g, dtype=F64),
+                              0.1 * torch.randn(n, generator=g, dtype=F64))
+
+
+# ------------------------------------------------------------------------------ parameterisation
+@pytest.mark.parametrize("schedule", [linear_vp(), schedules.EDM(), schedules.RectifiedFlow(), schedules.CosineVP()],
+                         ids=["discrete", "edm", "flow", "cosine"])
+def test_any_parameters_give_a_valid_solver(schedule):
+    for seed in range(3):
+        table = P.step_table(random_params(schedule, 6, seed=seed, scale=3.0), schedule)
+        assert torch.allclose(table.matrix.sum(1), torch.ones(6, dtype=F64), atol=1e-12, rtol=0)
+        assert torch.equal(table.matrix, torch.tril(table.matrix))
+        t = table.times
+        assert float(t[0]) == schedule.t_max
+        assert bool((t[1:] < t[:-1]).all()) and float(t.min()) >= schedule.t_min
+        assert bool((table.eval_times >= schedule.t_min).all() and (table.eval_times <= schedule.t_max).all())
+
+
+def test_zero_offsets_evaluate_at_the_grid_times():
+    sch = linear_vp()
+    p = P.SolverParameters.from_grid(sch, fewstep.grids.make("karras", sch, 7), base_order=3)
+    table = P.step_table(p, sch)
+    assert torch.equal(table.eval_times, table.times)
+    # the grid is the Karras grid, its last node (t_min) moved by END_SLACK of its log-SNR interval only
+    assert torch.allclose(table.times[:-1], fewstep.grids.make("karras", sch, 7)[:-1], rtol=1e-12, atol=1e-9)
+    lam = sch.lambda_(table.times)
+    assert float(lam[-1]) == pytest.approx(float(sch.lambda_(0.0) - P.END_SLACK * (sch.lambda_(0.0) - lam[-2])), rel=1e-9)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_base_is_exactly_dpm_solver_pp(order):
+    """Zero corrections give fewstep's dpm++ (diffusers' DPM-Solver++ multistep) on the same grid."""
+    sch = linear_vp()
+    p = P.SolverParameters.from_grid(sch, fewstep.grids.make("logsnr", sch, 8), base_order=order)
+    table = P.step_table(p, sch)
+    plan = fewstep.solvers.get("dpm++", order=order).prepare(sch, table.times)
+    w, a = table.weights, table.a
+    for i, step in enumerate(plan.predictors):
+        assert step.a == pytest.approx(float(a[i]), rel=1e-12, abs=1e-14)
+        ours = [float(w[i, i - k]) for k in range(len(step.d))]
+        assert ours == pytest.approx(list(step.d), rel=1e-9, abs=1e-12)
+        older = w[i, : i + 1 - len(step.d)]  # predictions beyond the base's order get no weight
+        assert float(older.abs().sum()) == 0.0
+
+
+def test_velocity_base_is_variable_step_adams_bashforth():
+    sch = schedules.RectifiedFlow(t_max=1.0)
+    p = random_params(sch, 6, view="velocity", seed=3, base_order=3, scale=0.0)
+    table = P.step_table(p, sch)
+    t = table.times.tolist() + [0.0]
+    for i in range(6):
+        k = min(3, i + 1)
+        past = [t[i - j] for j in range(k)]
+        expect = lagrange_weights(past, t[i], t[i + 1]) / (t[i + 1] - t[i])
+        got = [float(table.matrix[i, i - j]) for j in range(k)]
+        assert got == pytest.approx(expect.tolist(), rel=1e-12, abs=1e-12)
+        assert float(table.scale[i]) == pytest.approx(t[i + 1] - t[i], rel=1e-14)
+
+
+def test_coefficients_are_differentiable():
+    sch = linear_vp()
+    p = random_params(sch, 5, seed=1)
+    for t in p.tensors():
+        t.requires_grad_(True)
+    table = P.step_table(p, sch)
+    probe = torch.randn(5, 5, dtype=F64, generator=torch.Generator().manual_seed(9))
+    ((table.weights * probe).sum() + table.a.sum() + table.eval_times.sum()).backward()
+    for t in p.tensors():
+        assert t.grad is not None and torch.isfinite(t.grad).all() and float(t.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------ the solver
+def _save(tmp_path, params, sch, name="s.safetensors", prediction="eps"):
+    path = tmp_path / name
+    fileformat.save(path, params, sch, prediction=prediction, model="test")
+    return str(path)
+
+
+@pytest.mark.parametrize("schedule,prediction", [(linear_vp(), "eps"), (schedules.RectifiedFlow(t_max=0.999), "flow")],
+                         ids=["discrete-eps", "flow"])
+def test_searched_solver_runs_exactly_the_searched_update(tmp_path, schedule, prediction):
+    gm = testbeds.mixtures()["gmm2d"]
+    params = random_params(schedule, 6, seed=4)
+    path = _save(tmp_path, params, schedule, prediction=prediction)
+    noise = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    got, info = fewstep.sample(gm.model(schedule, prediction=prediction), noise, solver="searched", path=path,
+                               nfe=6, return_info=True)
+    with torch.no_grad():
+        want, _ = R.rollout(R.differentiable_testbed(gm, schedule, prediction), noise, P.step_table(params, schedule))
+    assert info.nfe == 6
+    assert float((got - want).abs().max()) < 1e-12
+
+
+def test_searched_file_checks(tmp_path):
+    sch = linear_vp()
+    params = random_params(sch, 5, seed=5)
+    path = _save(tmp_path, params, sch)
+    loaded = fileformat.load(path)
+    assert loaded.nfe == 5 and loaded.prediction == "eps" and loaded.schedule == sch.fingerprint()
+    assert loaded.t_range == (0.0, 999.0)
+    assert torch.equal(loaded.params.time_logits, params.time_logits)
+    stored = P.step_table(loaded.params, sch)
+    assert torch.equal(loaded.stored["weights"], stored.weights.detach())
+    gm = testbeds.Gaussian(0.3, 0.5, dim=2)
+    noise = torch.zeros(2, 2, dtype=F64)
+    other = schedules.DiscreteVP.scaled_linear()
+    with pytest.raises(fileformat.ScheduleMismatch, match="schedule: this searched solver .* searched for model 'test'"):
+        fewstep.sample(gm.model(other), noise, solver="searched", path=path, nfe=5)
+    with pytest.raises(ValueError, match="nfe: this searched solver .* nfe=5, got nfe=6"):
+        fewstep.sample(gm.model(sch), noise, solver="searched", path=path, nfe=6)
+    with pytest.raises(ValueError, match="grid: a searched solver evaluates at its own"):
+        fewstep.sample(gm.model(sch), noise, solver="searched", path=path, nfe=5,
+                       grid=torch.tensor([999.0, 700.0, 400.0, 100.0, 3.0]))
+    # a named grid (the default included) is ignored: same result as the searched grid itself
+    a = fewstep.sample(gm.model(sch), noise + 1, solver="searched", path=path, nfe=5, grid="uniform")
+    b = fewstep.sample(gm.model(sch), noise + 1, solver="searched", path=path, nfe=5, grid=stored.times.detach())
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="path: solver='searched' needs path="):
+        fewstep.solvers.get("searched")
+    with pytest.raises(FileNotFoundError, match="neither a file nor a bundled"):
+        fewstep.solvers.get("searched", path=str(tmp_path / "missing.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        fewstep.solvers.get("searched", path=str(tmp_path / "junk.safetensors"))
+    assert any(row["name"] == "searched" and row["nfe_per_step"] == "1" for row in fewstep.solvers.table())
+
+
+# ------------------------------------------------------------------------------ teacher
+def test_teacher_is_dpm_solver_pp_and_interpolates_the_exact_flow():
+    sch = linear_vp()
+    gm = testbeds.Gaussian(0.3, 0.5, dim=4)
+    noise = torch.randn(8, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    exact_end = gm.denoise(gm.reference(noise, sch, t_end=0.0), sch, 0.0)
+    errors = {}
+    for steps in (40, 80):
+        traj = T.solve(gm.model(sch), noise, steps=steps)
+        # the end point is fewstep's DPM-Solver++(3M) with the same budget, to rounding
+        dpm = fewstep.sample(gm.model(sch), noise, solver="dpm++", order=3, nfe=steps)
+        assert float((traj.end - dpm).abs().max()) < 1e-12
+        errors[steps] = float((traj.end - exact_end).abs().max())
+        for t in (990.0, 700.0, 333.3, 50.0, 2.5):
+            mid = traj.at(torch.tensor(t, dtype=F64))
+            errors[steps] = max(errors[steps], float((mid - gm.reference(noise, sch, t_end=t)).abs().max()))
+    assert errors[80] < 5e-4
+    assert errors[40] / errors[80] > 4  # second order at least (the interpolant is fourth order)
+    # the time derivative (what the search's loss sends to the grid) is that of the exact flow;
+    # t = 400.37 sits between the table entries of DiscreteVP, where the schedule is smooth
+    t = torch.tensor(400.37, dtype=F64, requires_grad=True)
+    traj.at(t).sum().backward()
+    h = 1e-3
+    fd = (gm.reference(noise, sch, t_end=400.37 + h) - gm.reference(noise, sch, t_end=400.37 - h)).sum() / (2 * h)
+    assert float(t.grad) == pytest.approx(float(fd), rel=3e-3)
+
+
+def test_teacher_cache_round_trip(tmp_path):
+    sch = linear_vp()
+    gm = testbeds.mixtures()["gmm2d"]
+    noise = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    a, hit_a = T.cached(gm.model(sch), noise, 12, cache_dir=tmp_path)
+    b, hit_b = T.cached(gm.model(sch), noise, 12, cache_dir=tmp_path)
+    assert (hit_a, hit_b) == (False, True)
+    assert torch.equal(a.ys, b.ys) and torch.equal(a.end, b.end)
+    other = testbeds.GaussianMixture([[1.0, 0.0], [-1.0, 0.0]], [0.5, 0.5], 0.1)
+    assert T.model_fingerprint(other.model(sch)) != T.model_fingerprint(gm.model(sch))
+    assert len(list((tmp_path / "teacher").glob("*.safetensors"))) == 1
+
+
+# ------------------------------------------------------------------------------ the search
+def test_search_needs_a_differentiable_network():
+    sch = linear_vp()
+    gm = testbeds.Gaussian(0.3, 0.5, dim=2)
+    with pytest.raises(R.NotDifferentiable, match="differentiable_testbed"):
+        loop.search(gm.model(sch), 3, samples=8, val_samples=4, iterations=2, teacher_steps=8, use_cache=False)
+
+
+def test_tiny_search_improves_and_generalises_to_unseen_noise():
+    """Searched on 64 noise draws, the error on 512 other draws stays within 1.2x of the training error."""
+    sch = linear_vp()
+    gm = testbeds.GaussianMixture([[0.6, 0.2, 0.0], [-0.5, -0.3, 0.2]], [0.6, 0.4], 0.35)
+    model = R.differentiable_testbed(gm, sch)
+    res = loop.search(model, 4, samples=64, val_samples=32, iterations=20, teacher_steps=60, starts=1,
+                      exact_end=lambda n: gm.reference(n, sch), exact_name="exact-3d", use_cache=False)
+    assert res.train_rmse < 0.5 * res.train_rmse_init
+    assert res.val_rmse <= res.val_rmse_init
+    unseen = torch.randn(512, 3, dtype=F64, generator=torch.Generator().manual_seed(11))
+    held = loop.evaluate_rmse(model, res.params, unseen, gm.reference(unseen, sch))
+    assert held <= 1.2 * res.train_rmse
+    # the best training-free solver in the search space, on the same unseen noise
+    start = min(loop.candidates(sch, 4, "x0"),
+                key=lambda c: loop.evaluate_rmse(model, c[1], unseen, gm.reference(unseen, sch)))
+    assert held < 0.5 * loop.evaluate_rmse(model, start[1], unseen, gm.reference(unseen, sch))
+
+
+def test_cli_search_writes_a_usable_solver(tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "g-nfe{nfe}.safetensors"
+    rc = main(["search", "--model", "gaussian", "--nfe", "3,4", "--samples", "24", "--val-samples", "8",
+               "--iterations", "4", "--teacher-steps", "12", "--no-cache", "--quiet", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "nfe=3: RMSE to the teacher" in printed and "nfe=4: RMSE to the teacher" in printed
+    solver = fileformat.load(tmp_path / "g-nfe4.safetensors")
+    assert solver.nfe == 4 and solver.model == "gaussian" and solver.search["samples"] == 24
+    gm = testbeds.Gaussian(mean=0.3, std=0.5, dim=16)
+    x = fewstep.sample(gm.model(linear_vp()), torch.zeros(2, 16, dtype=F64), solver="searched",
+                       path=str(tmp_path / "g-nfe4.safetensors"), nfe=4)
+    assert x.shape == (2, 16) and bool(torch.isfinite(x).all())
+    rc = main(["search", "--model", "gaussian", "--nfe", "3,4", "--out", str(tmp_path / "one.safetensors")])
+    assert rc == 2
+    assert "--out: with several NFEs the name must contain {nfe}" in capsys.readouterr().err
