@@ -7,6 +7,12 @@ Named grids (all include both ends of the schedule's range, ``t_max`` first, ``t
 * ``"karras"``    – Karras et al. rho-spacing (rho = 7) of ``sigma/alpha``;
 * ``"quadratic"`` – uniform in ``sqrt(t)`` (DDIM's and DPM-Solver's ``time_quadratic``).
 
+Each name also has an ``-open`` variant (``"logsnr-open"``, ...): spaced for ``n + 1`` points with
+``t_min`` dropped, so no evaluation is spent at the smallest noise level; the final step to zero noise
+then starts from the last kept point (diffusers' ``final_sigmas_type="zero"`` spacings work this way).
+Measured with ``fewstep bench accuracy --grids``, the open variants lower the error in most cells at
+NFE 4-10.
+
 A grid may also be an explicit decreasing 1-D tensor of schedule times.
 
 Example::
@@ -87,8 +93,15 @@ def make(grid, schedule: Schedule, n: int, t_start: float | None = None) -> torc
         schedule.t_max = t_start
     if not isinstance(grid, str):
         raise TypeError(f"grid: expected a name or a tensor, got {type(grid).__name__}")
+    if grid.endswith("-open") and grid[: -len("-open")] in _NAMED:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"grid: need at least 1 point, got {n!r}")
+        return make(grid[: -len("-open")], schedule, n + 1, t_start)[:-1].clone()
     if grid not in _NAMED:
-        raise ValueError(f"grid: unknown name {grid!r}; valid: {list(NAMES)} or a decreasing 1-D tensor of times")
+        raise ValueError(
+            f"grid: unknown name {grid!r}; valid: {list(NAMES)} (each also as NAME-open) "
+            f"or a decreasing 1-D tensor of times"
+        )
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"grid: need at least 1 point, got {n!r}")
     if n == 1:

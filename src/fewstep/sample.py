@@ -15,6 +15,8 @@ Example::
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -43,16 +45,30 @@ class SampleInfo:
     grid: list[float]
 
 
-# Measured with `fewstep bench accuracy` (docs/benchmarks.md): the training-free solver with the
-# lowest error at each budget on the mixture testbeds and the bundled digits model.
-_RECOMMENDED = [(3, ("dpm++", {"order": 2})), (math.inf, ("unipc", {"order": 3}))]
+# The training-free configuration with the lowest error relative to the best diffusers configuration
+# at each budget, measured by `fewstep bench accuracy --target gmm,digits16 --grids` (geometric mean
+# over gmm2d, gmm16, gmm64 and digits16; docs/benchmarks.md): (largest NFE, solver, options, grid).
+_RECOMMENDED = [
+    (6, "fv", {"order": 1}, "quadratic-open"),
+    (8, "heroism", {"order": 2}, "quadratic-open"),
+    (15, "heroism", {"order": 3}, "quadratic-open"),
+    (math.inf, "unipc", {"order": 3}, "quadratic-open"),
+]
 
 
 def recommended(nfe: int) -> tuple[str, dict]:
     """The default ``(solver, options)`` for a budget of ``nfe`` network evaluations."""
-    for limit, choice in _RECOMMENDED:
+    for limit, name, options, _ in _RECOMMENDED:
         if nfe <= limit:
-            return choice[0], dict(choice[1])
+            return name, dict(options)
+    raise AssertionError("unreachable")
+
+
+def recommended_grid(nfe: int) -> str:
+    """The named grid used with :func:`recommended` when no grid is given."""
+    for limit, _, _, grid in _RECOMMENDED:
+        if nfe <= limit:
+            return grid
     raise AssertionError("unreachable")
 
 
@@ -86,7 +102,35 @@ def plan_for(model: Model, solver: Solver, nfe: int | None, grid, start: float |
                     f"nfe: the grid's {times.numel()} points cost {want} evaluations with {solver.name}, "
                     f"more than nfe={nfe}"
                 )
-    return solver.prepare(sch, times), times
+    return _cached_prepare(solver, sch, times), times
+
+
+# Plans are pure functions of (solver options, schedule, grid): cache the last few so repeated calls
+# with the same settings skip the float64 precomputation (about 1 ms, i.e. 20 us/step at 50 steps).
+_PLAN_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
+_PLAN_CACHE_LOCK = threading.Lock()
+_PLAN_CACHE_SIZE = 32
+
+
+def _cached_prepare(solver: Solver, schedule, times: torch.Tensor):
+    try:
+        key = (type(solver), repr(sorted(solver.opts.items())), id(schedule), tuple(times.tolist()))
+        hash(key)
+    except TypeError:  # unhashable options (a callable tau, a model family): no caching
+        return solver.prepare(schedule, times)
+    if solver.needs_inputs or any(callable(v) or isinstance(v, (list, dict)) for v in solver.opts.values()):
+        return solver.prepare(schedule, times)
+    with _PLAN_CACHE_LOCK:
+        hit = _PLAN_CACHE.get(key)
+        if hit is not None and hit[0] is schedule:
+            _PLAN_CACHE.move_to_end(key)
+            return hit[1]
+    plan = solver.prepare(schedule, times)
+    with _PLAN_CACHE_LOCK:
+        _PLAN_CACHE[key] = (schedule, plan)
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    return plan
 
 
 def default_grid(schedule) -> str:
@@ -205,6 +249,8 @@ def sample(
                 raise ValueError("nfe: required when no solver is named (the default solver depends on it)")
             solver, defaults = recommended(_check_nfe(nfe))
             options = {**defaults, **options}
+            if grid is None:
+                grid = recommended_grid(nfe)
         solver_obj = get_solver(solver, **options)
     plan, times = plan_for(model, solver_obj, nfe, grid, start)
     if start is not None and getattr(plan, "free_first", False):

@@ -66,6 +66,7 @@ class Searched(Solver):
     """A solver loaded from a ``fewstep search`` file; one network evaluation per step."""
 
     name = "searched"
+    needs_inputs = True  # runs only with path= (a searched file)
     summary = "grid + multistep weights searched for one model (fewstep search)"
     paper = "Wang et al., Differentiable Solver Search for Fast Diffusion Sampling, ICML 2025 (arXiv 2505.21114)"
     orders = (1,)
