@@ -615,7 +615,7 @@ def add_arguments(parser) -> None:
                         help="comma-separated: gmm (= gmm2d,gmm16,gmm64), gaussian, digits16, patches32")
     parser.add_argument("--nfe", default=",".join(map(str, DEFAULT_NFES)), help="comma-separated NFE budgets")
     parser.add_argument("--samples", type=int, default=None,
-                        help="noise samples per target (default: 512 on testbeds, 64 on bundled models)")
+                        help="noise samples per target (default: 512 on testbeds, 32 on bundled models)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed noise")
     parser.add_argument("--grids", action="store_true",
                         help="also run every fewstep solver on each named grid and its -open variant "

@@ -287,7 +287,8 @@ def measure_digits(nfes: Sequence[int], samples: int, seed: int, progress=None) 
         clf = zload("digits-classifier")
         heldout = zd.digits16("heldout").images
     except (ImportError, ValueError, FileNotFoundError, OSError) as e:
-        raise _targets.TargetUnavailable(f"digits16: no digit classifier or held-out digits in fewstep.zoo ({e})") from e
+        raise _targets.TargetUnavailable(
+            f"digits16: no digit classifier or held-out digits in fewstep.zoo ({e})") from e
     labels = torch.arange(samples) % 10
     model = model.with_cond(label=labels)
     noise = _targets.fixed_noise(samples, model.sample_shape, seed)

@@ -167,13 +167,20 @@ def plot(results: Sequence[OrderResult], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 5.4), dpi=110)
-    cmap = plt.get_cmap("tab20")
-    for k, r in enumerate(results):
+    # one colour per solver family, one line style per order within it (as in the accuracy plots)
+    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)] + ["navy", "olive"]
+    styles = ["-", "--", "-.", ":", (0, (1, 1)), (0, (5, 1))]
+    families: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for r in results:
         pts = [(s, e) for s, e in zip(r.steps, r.errors) if math.isfinite(e) and e > 0]
         if not pts:
             continue
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, "-o", ms=3, lw=1.2, color=cmap(k % 20),
+        family = r.label.split(" ")[0]
+        colour = palette[families.setdefault(family, len(families)) % len(palette)]
+        k = seen[family] = seen.get(family, -1) + 1
+        ax.plot(xs, ys, linestyle=styles[k % len(styles)], marker="o", ms=3, lw=1.2, color=colour,
                 label=f"{r.label} (fit {fmt(r.fitted)}, theory {r.theory})")
     # guide slopes through a common anchor
     all_steps = sorted({s for r in results for s in r.steps})

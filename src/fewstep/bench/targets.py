@@ -1,7 +1,7 @@
 """The targets every benchmark measures against: exact testbeds and bundled models with references.
 
-A :class:`Target` is a float64 :class:`fewstep.Model`, a fixed batch of standard normal noise and the
-reference end point of the probability-flow ODE from that noise:
+A :class:`Target` is a :class:`fewstep.Model` (float64 solver states), a fixed batch of standard
+normal noise and the reference end point of the probability-flow ODE from that noise:
 
 * ``gmm2d``, ``gmm16``, ``gmm64`` (the group ``gmm``) and ``gaussian``: the exact testbeds of
   :mod:`fewstep.testbeds` under diffusers' ``linear`` beta table with an eps-predicting model, so
@@ -9,9 +9,9 @@ reference end point of the probability-flow ODE from that noise:
   (``GaussianMixture.reference``: DOP853 at rtol = atol = 1e-13 in the angle variable).
 * ``digits16``, ``patches32``: bundled models from :func:`fewstep.zoo.load`; the network runs in
   float32 (float64 made it three times slower; float32 rounding is far below the errors compared),
-  every solver state in float64. They have no closed form, so the reference is :func:`angle_reference`, a
-  classical RK4 solve in the angle ``theta = atan2(sigma, alpha)`` with many steps, checked by
-  self-convergence (the same solve at half the steps); the number is carried in
+  every solver state in float64. They have no closed form, so the reference is
+  :func:`angle_reference`, a classical RK4 solve in the angle ``theta = atan2(sigma, alpha)`` with
+  999 steps, checked by self-convergence (the same solve with 333 steps); the number is carried in
   :attr:`Target.reference_note`.
 
 Example::
@@ -269,8 +269,9 @@ def angle_reference(model: Model, noise: torch.Tensor, steps: int, *, progress: 
     With ``theta = atan2(sigma, alpha)`` and ``y = x / sqrt(alpha^2 + sigma^2)`` the ODE reads
     ``dy/dtheta = cos(theta) eps_hat - sin(theta) x0_hat``, smooth on the whole interval and free of
     the stiffness of the ``t`` and ``lambda`` forms. Classical RK4 in ``theta``, with step ends
-    uniform in schedule time ``t``, runs from ``t_max`` to ``t_min``; the result is the data prediction at ``t_min`` (what every
-    fewstep solver's final step to zero noise returns from an exact state there).
+    uniform in schedule time ``t``, runs from ``t_max`` to ``t_min``; the result is the data
+    prediction at ``t_min`` (what every fewstep solver's final step to zero noise returns from an
+    exact state there).
 
     Example::
 
