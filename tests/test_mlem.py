@@ -179,7 +179,8 @@ def test_rule_is_proportional_to_w_sqrt_v_over_c_and_hits_the_budget():
     assert all(row[0] == 1.0 for row in table)
     assert cost.expected_flops(table, COSTS) == pytest.approx(0.3 * 16 * 30, rel=1e-8)
     pair = [None, 5.0, 20.0]
-    ratios = [row[l] / (w[i] * math.sqrt(v[i][l] / pair[l])) for i, row in enumerate(table) for l in (1, 2) if row[l] < 1]
+    ratios = [row[lv] / (w[i] * math.sqrt(v[i][lv] / pair[lv]))
+              for i, row in enumerate(table) for lv in (1, 2) if row[lv] < 1]
     assert len(ratios) > 30 and max(ratios) / min(ratios) == pytest.approx(1.0, abs=1e-12)
     assert probabilities.optimal_probabilities(v, COSTS, budget=1.0, weights=w) == [[1.0] * 3] * 30
     with pytest.raises(ValueError, match=r"budget: must exceed 0.0625"):
@@ -287,7 +288,8 @@ def test_bad_inputs_name_the_argument(family):
     noise = _noise(2, gm.dim)
 
     def run(**kw):
-        return fewstep.sample(fam[-1], noise, solver="mlem", nfe=4, generator=_gen(), **{"family": fam, "costs": COSTS, **kw})
+        kw = {"family": fam, "costs": COSTS, **kw}
+        return fewstep.sample(fam[-1], noise, solver="mlem", nfe=4, generator=_gen(), **kw)
 
     with pytest.raises(ValueError, match=r"family: mlem needs family="):
         fewstep.sample(fam[-1], noise, solver="mlem", nfe=4)
@@ -350,7 +352,7 @@ def test_equal_error_flops_interpolates_log_log_on_the_monotone_envelope():
     curve = [(100.0, 0.4), (400.0, 0.1), (800.0, 0.2)]  # the last point is worse: the envelope keeps 0.1
     assert equal_error_flops(curve, 0.2) == pytest.approx(200.0)
     assert equal_error_flops(curve, 0.1, margin=1.0) == pytest.approx(400.0)
-    assert equal_error_flops(curve, 0.105) is None  # within 10% of the best error: the plateau
+    assert equal_error_flops(curve, 0.12) is None  # within 25% of the best error: the plateau
     assert equal_error_flops(curve, 0.5) is None and equal_error_flops(curve, 0.05) is None
     assert equal_error_flops(curve, 0.2, resolution=0.25) is None  # below the metric's noise level
 
@@ -362,7 +364,8 @@ def test_bench_mlem_tiny(tmp_path):
 
     parser = argparse.ArgumentParser()
     bench_mlem.add_arguments(parser)
-    args = parser.parse_args(["--family", "gmm2d", "--samples", "64", "--steps", "4,8", "--budgets", "0.3",
+    args = parser.parse_args(["--family", "gmm2d", "--samples", "64", "--steps", "4,8", "--mlem-steps", "4,8",
+                              "--budgets", "0.3",
                               "--pilot-samples", "16", "--pilot-points", "3", "--no-levels"])
     args.out = str(tmp_path)
     report = bench_mlem.run(args)

@@ -26,8 +26,8 @@ nominal gamma of 2.5, the paper's measured value).
 
 Example::
 
-    fewstep bench mlem                                     # digits16 family
-    fewstep bench mlem --family gmm16 --samples 2048 --steps 10,20,50,100
+    fewstep bench mlem                                     # digits16 family, 500 samples
+    fewstep bench mlem --family gmm16 --steps 10,12,14,16,20,40 --mlem-steps 20,40,80,160 --budgets 0.15,0.3
 """
 from __future__ import annotations
 
@@ -167,13 +167,13 @@ def build_family(spec: str, samples: int, seed: int, guidance: float = 1.0) -> F
                        "measured with FlopCounterMode (guided calls count both halves)", noise, pilot, ("fd", "mmd"),
                        score, notes=[
                            f"labels cycle 0-9, guidance {guidance:g}; FD-digits and MMD^2 (pixels, median bandwidth) "
-                           f"to the {heldout.shape[0]} held-out digits; FD-digits has a sample-size bias (training digits "
-                           f"vs held-out: see the floor row)"],
+                           f"to the {heldout.shape[0]} held-out digits; FD-digits has a sample-size bias "
+                           f"(training digits vs held-out: see the floor row)"],
                        parameters=[int(sum(p.numel() for p in m.net.parameters())) for m in raw], floor=floor)
 
 
 # -------------------------------------------------------------------------------- equal-error cost
-PLATEAU_MARGIN = 1.1
+PLATEAU_MARGIN = 1.25
 
 
 def equal_error_flops(curve: list[tuple[float, float]], error: float, margin: float = PLATEAU_MARGIN,
@@ -210,12 +210,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--family", default="digits16",
                         help="digits16 (zoo digits16-s/-m/-l), gmm2d|gmm16|gmm64 (testbed family), or zoo names/paths")
     parser.add_argument("--samples", type=int, default=None, help="samples per set (default 500 digits, 2048 testbed)")
-    parser.add_argument("--steps", default="10,20,40,80,160", help="step counts (nfe of the finest model alone)")
-    parser.add_argument("--mlem-steps", default=None, help="step counts of ML-EM (default: --steps)")
-    parser.add_argument("--budgets", default="0.15,0.3", help="ML-EM expected FLOPs as fractions of the finest alone")
-    parser.add_argument("--form", default="sde", choices=["sde", "ode", "ddpm"], help="base update (sde = Euler–Maruyama)")
-    parser.add_argument("--pattern", default="per_sample", choices=["per_sample", "shared"])
-    parser.add_argument("--draws", default="systematic", choices=["independent", "systematic"])
+    parser.add_argument("--steps", default="8,9,10,11,12,14,16,20,30,40",
+                        help="step counts of Euler–Maruyama with each member alone")
+    parser.add_argument("--mlem-steps", default="12,16,20,30,40,80", help="step counts of ML-EM")
+    parser.add_argument("--budgets", default="0.15,0.2,0.25,0.35",
+                        help="ML-EM expected FLOPs as fractions of the finest model alone on the same steps")
+    parser.add_argument("--form", default="sde", choices=["sde", "ode", "ddpm"],
+                        help="base update (sde = Euler–Maruyama)")
+    parser.add_argument("--pattern", default="per_sample", choices=["per_sample", "shared"],
+                        help="level draws per sample, or one per step for the whole batch")
+    parser.add_argument("--draws", default="systematic", choices=["independent", "systematic"],
+                        help="systematic along time (default) or independent per step (the paper's)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (zoo families)")
     parser.add_argument("--pilot-samples", type=int, default=64)
     parser.add_argument("--pilot-points", type=int, default=8)
@@ -325,7 +330,8 @@ def _family_section(fam: FamilySetup, cal) -> str:
 
 
 def _runs_section(fam, rows, samples, args, floor) -> str:
-    head = ["method", "steps", "budget", "FLOPs/sample", "x finest alone", "finest calls/sample"] + list(fam.metrics) + ["wall ms/sample"]
+    head = (["method", "steps", "budget", "FLOPs/sample", "x finest alone", "finest calls/sample"]
+            + list(fam.metrics) + ["wall ms/sample"])
     body = []
     for r in rows:
         same_steps = r.steps * fam.costs[-1]
@@ -343,12 +349,13 @@ def _runs_section(fam, rows, samples, args, floor) -> str:
 
 
 def _noise_band(floor, best: float, metric: str) -> float:
-    """Errors below this cannot be told apart from the finest model's best: its best error plus two
-    standard deviations of the metric on real data of the same size, and at least the metric's
-    magnitude on real data (MMD^2 is unbiased and scatters around 0)."""
+    """Errors below this cannot be told apart from the finest model's best: at least ``PLATEAU_MARGIN``
+    times its best error, its best plus two standard deviations of the metric on real data of the same
+    size, and the metric's magnitude on real data (MMD^2 is unbiased and scatters around 0)."""
+    band = best + (PLATEAU_MARGIN - 1.0) * abs(best)
     if floor is None:
-        return PLATEAU_MARGIN * best
-    return max(PLATEAU_MARGIN * best, best + 2.0 * floor.sd[metric], abs(floor.mean[metric]))
+        return band
+    return max(band, best + 2.0 * floor.sd[metric], abs(floor.mean[metric]))
 
 
 def _equal_error_section(fam, rows, floor) -> str:
@@ -386,7 +393,8 @@ def _equal_error_section(fam, rows, floor) -> str:
               "minimum. '-': the error is above that curve's cheapest point, or inside the noise band.", "",
               "**Reaching the noise band** (the finest model's converged quality, within the metric's noise): the "
               "fewest FLOPs per sample among the measured points whose error is inside the band.", ""]
-    head2 = ["metric", "band (<=)", "finest alone"] + [f"ML-EM budget {b:g}" for b in sorted({r.budget for r in mlem_rows})]
+    budgets = sorted({r.budget for r in mlem_rows})
+    head2 = ["metric", "band (<=)", "finest alone"] + [f"ML-EM budget {b:g}" for b in budgets]
     body2 = []
     for m in fam.metrics:
         def first(rs):
@@ -395,7 +403,7 @@ def _equal_error_section(fam, rows, floor) -> str:
 
         ref = first(base)
         line = [m, bands[m], "not reached" if ref is None else f"{fmt(ref)}"]
-        for b in sorted({r.budget for r in mlem_rows}):
+        for b in budgets:
             got = first([r for r in mlem_rows if r.budget == b])
             if got is None:
                 line.append("not reached")
@@ -403,8 +411,9 @@ def _equal_error_section(fam, rows, floor) -> str:
                 line.append(f"{fmt(got)}" + ("" if ref is None else f" ({fmt(got / ref)}x)"))
         body2.append(line)
     lines += [markdown_table(head2, body2), "",
-              "The band is the finest model's best error plus two standard deviations of the metric on real data "
-              "of the same size (the floor row), and at least the floor's magnitude."]
+              f"The band is the largest of: {PLATEAU_MARGIN:g}x the finest model's best error, that error plus two "
+              "standard deviations of the metric on real data of the same size (the floor row), and the floor's "
+              "magnitude."]
     return "\n".join(lines)
 
 
@@ -447,11 +456,13 @@ def _plot(fam, rows, floor, path: Path) -> None:
                 ax.annotate(str(r.steps), (r.flops, r.errors[metric]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points", color=style["color"])
         if floor is not None:
-            ax.axhline(floor.mean[metric], color="grey", lw=1, ls="--", label=f"floor: {floor.what}")
-        res = abs(floor.mean[metric]) + floor.sd[metric] if floor is not None else 1e-6
+            lo, hi = floor.mean[metric] - 2 * floor.sd[metric], floor.mean[metric] + 2 * floor.sd[metric]
+            ax.axhspan(lo, hi, color="grey", alpha=0.2, label=f"real data ± 2 sd ({floor.what})")
+        noise = abs(floor.mean[metric]) + 2 * floor.sd[metric] if floor is not None else 1e-6
         ax.set_xscale("log")
-        if metric == "mmd":  # unbiased MMD^2 scatters around 0: linear near 0, log above the noise
-            ax.set_yscale("symlog", linthresh=max(res, 1e-6))
+        if metric == "mmd":  # unbiased MMD^2 scatters around 0: linear inside the noise, log above it
+            ax.set_yscale("symlog", linthresh=max(noise, 1e-6))
+            ax.set_ylim(bottom=-noise)
         else:
             ax.set_yscale("log")
         ax.set_xlabel("FLOPs per sample (realised)")

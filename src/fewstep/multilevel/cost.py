@@ -71,7 +71,9 @@ def measure_flops(model: Model, sample_shape: Sequence[int] | None = None, *, dt
         raise TypeError(f"model: expected a fewstep.Model, got {type(model).__name__}")
     shape = tuple(sample_shape) if sample_shape is not None else model.sample_shape
     if shape is None:
-        raise ValueError(f"sample_shape: model {model.name!r} does not know its sample shape; pass sample_shape= (or costs=)")
+        raise ValueError(
+            f"sample_shape: model {model.name!r} does not know its sample shape; pass sample_shape= (or costs=)"
+        )
     dtype = model.dtype or dtype or torch.float32
     device = torch.device(device) if device is not None else _device_of(model)
     key = (shape, dtype, device)

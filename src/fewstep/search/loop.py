@@ -74,6 +74,7 @@ class SearchResult:
     teacher_seconds: float
     teacher_cached: bool
     cpu_seconds: float  # process CPU time of teacher + search, all threads (the load-independent cost)
+    model_fingerprint: str  # fewstep.search.teacher.model_fingerprint of the searched model
     samples: int
     val_samples: int
     teacher_steps: int
@@ -335,6 +336,7 @@ def search(
         teacher_seconds=teacher_seconds,
         teacher_cached=from_cache,
         cpu_seconds=time.process_time() - cpu0,
+        model_fingerprint=_teacher.model_fingerprint(model, model.sample_shape),
         samples=samples,
         val_samples=val_samples,
         teacher_steps=teacher_steps,

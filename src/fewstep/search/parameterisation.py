@@ -263,9 +263,12 @@ def _dpmpp_row(coords: torch.Tensor, i: int, order: int) -> list[torch.Tensor]:
     em1 = -torch.expm1(-h)  # 1 - e^{-h}
     phi2 = (1.0 - em1 / h) / em1  # h phi_2(-h) / (1 - e^{-h})
     phi3 = (0.5 - (h - em1) / (h * h)) / em1  # h phi_3(-h) / (1 - e^{-h})
-    # divided differences D1 = d1_0 + r0/(r0+r1) (d1_0 - d1_1), D2 = (d1_0 - d1_1)/(r0+r1) in the values
-    d1_0 = (1.0 / r0, -1.0 / r0, 0.0 * r0)
-    d1_1 = (0.0 * r1, 1.0 / r1, -1.0 / r1)
+    # diffusers' divided differences, as weights on the values (D_i, D_{i-1}, D_{i-2}):
+    # d1_0 = (D_i - D_{i-1}) / r0, d1_1 = (D_{i-1} - D_{i-2}) / r1,
+    # D1 = d1_0 + r0 / (r0 + r1) (d1_0 - d1_1), D2 = (d1_0 - d1_1) / (r0 + r1)
+    zero = torch.zeros((), dtype=F64)
+    d1_0 = (1.0 / r0, -1.0 / r0, zero)
+    d1_1 = (zero, 1.0 / r1, -1.0 / r1)
     k = r0 / (r0 + r1)
     out = []
     for j in range(3):

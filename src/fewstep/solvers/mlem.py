@@ -143,7 +143,9 @@ class MultilevelEM(Solver):
             except (TypeError, ValueError):
                 raise TypeError(f"costs: expected {k} numbers (FLOPs per call), got {o['costs']!r}") from None
             if len(costs) != k or any(not (c > 0 and math.isfinite(c)) for c in costs):
-                raise ValueError(f"costs: expected {k} positive finite numbers (one per family member), got {o['costs']!r}")
+                raise ValueError(
+                    f"costs: expected {k} positive finite numbers (one per family member), got {o['costs']!r}"
+                )
         b = o["budget"]
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not (b > 0 and math.isfinite(b)):
             raise ValueError(f"budget: expected a positive number (fraction of the finest model's FLOPs), got {b!r}")
@@ -212,8 +214,10 @@ class MultilevelEM(Solver):
 
         table = plan.probabilities
         if table is None:
-            variances = yield from pilot_run(self.family, nodes, x, self.opts["pilot_points"], self.opts["pilot_samples"],
-                                             record=lambda level, rows: stats.record(level, rows, pilot=True))
+            variances = yield from pilot_run(
+                self.family, nodes, x, self.opts["pilot_points"], self.opts["pilot_samples"],
+                record=lambda level, rows: stats.record(level, rows, pilot=True),
+            )
             stats.pilot_variances = variances.mean_square
             table = self.rule(plan, variances, costs)
         stats.probabilities = table

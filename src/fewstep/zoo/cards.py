@@ -214,7 +214,9 @@ def write_card(name: str, evaluation: dict, cards_dir: str | Path = CARDS_DIR, w
         "| | |",
         "|---|---|",
         f"| architecture | fewstep UNet: base width {arch['base_channels']}, channel multipliers {tuple(arch['channel_mult'])}, "
-        f"{arch['num_res_blocks']} res block(s) per level, self-attention at level(s) {tuple(arch['attention_levels'])} |",
+        f"{arch['num_res_blocks']} res block(s) per level, self-attention at level(s) {tuple(arch['attention_levels'])}"
+        f"{', output sigma_t * x + F (Gaussian skip)' if arch.get('skip_betas') else ''}"
+        f"{', at least ' + str(arch['min_group_channels']) + ' channels per GroupNorm group' if arch.get('min_group_channels', 1) > 1 else ''} |",
         f"| conditioning | {'class label 0-9, null label ' + str(d['null_label']) + ' (classifier-free guidance)' if d.get('num_classes') else 'none'} |",
         f"| parameters | {_fmt_int(d['parameters'])} |",
         f"| FLOPs per call (one sample) | {_fmt_int(d['flops_per_call'])} ({d['flops_per_call'] / 1e6:.1f} MFLOP; guidance doubles it) |",
@@ -230,6 +232,9 @@ def write_card(name: str, evaluation: dict, cards_dir: str | Path = CARDS_DIR, w
         f"| steps | {tr['steps']} of {tr['recipe_steps']} (stopped by {tr['stopped_by']}), batch {tr['batch_size']}, AdamW lr {tr['lr']}, EMA {tr['ema_decay']} |",
         f"| training time | {tr['seconds'] / 60:.1f} min on {tr['threads']} CPU thread(s) of a shared 2-core machine |",
         f"| final loss | {tr['final_loss']} ({tr['final_loss_note']}) |",
+        *([f"| note | the machine was busy: the learning-rate schedule followed the {tr['seconds'] / 60:.0f}-minute cap "
+           f"instead of the step count (see `fewstep.zoo.train`); on a free machine the same seed runs all "
+           f"{tr['recipe_steps']} steps |"] if tr.get("lr_schedule_driven_by_clock") else []),
         "",
         "## Measured quality",
         "",
