@@ -125,6 +125,32 @@ def test_views_are_exact_linear_maps(pred, sch):
     assert torch.allclose(v, float(sch.dalpha(t)) * x0_true + float(sch.dsigma(t)) * eps_true, atol=1e-8)
 
 
+@pytest.mark.parametrize("pred", ["eps", "x0", "v", "flow"])
+def test_scaled_views_equal_views(pred):
+    # Evaluate(scaled=True) answers (u, s) with view = s * u; run_multistep folds s into its weights
+    sch = schedules.EDM()
+    model = testbeds.mixtures()["gmm16"].model(sch, prediction=pred)
+    x = torch.randn(5, 16, dtype=F64, generator=torch.Generator().manual_seed(2))
+    nodes = [sch.node(t) for t in (0.05, 1.0, 40.0)]
+    for view in ("x0", "eps", "velocity"):
+        plain = model.evaluate([x] * 3, nodes, view)
+        scaled = model.evaluate([x] * 3, nodes, view, scaled=True)
+        for p, (u, s) in zip(plain, scaled):
+            assert isinstance(s, float)
+            assert torch.allclose(u * s, p, rtol=1e-12, atol=1e-12)
+
+
+def test_repeated_calls_reuse_the_plan_and_give_the_same_bits():
+    sch = schedules.EDM()
+    model = testbeds.Gaussian(0.3, 0.5, dim=3).model(sch)
+    noise = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    first = fewstep.sample(model, noise, solver="dpm++", nfe=7)
+    again = fewstep.sample(model, noise, solver="dpm++", nfe=7)
+    other = fewstep.sample(model, noise, solver="dpm++", nfe=8)  # another budget: another plan
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
 def test_view_coefficient_identities():
     sch = schedules.CosineVP()
     node = sch.node(0.4)

@@ -60,6 +60,26 @@ def view_coefficients(prediction: str, view: str, node: Node) -> tuple[float, fl
         ) from None
 
 
+def combine_view(x: torch.Tensor, out: torch.Tensor, cx: float, co: float, scaled: bool = False):
+    """``cx * x + co * out`` (the view), or with ``scaled`` the pair ``(u, s)`` with ``view = s * u``.
+
+    Every driver (``fewstep.sample``, the diffusers adapter, the k-diffusion functions) forms views
+    with this one function, so they give the same bits.
+    """
+    if cx == 0.0:
+        if scaled:
+            return out, co
+        return out if co == 1.0 else out.mul(co)
+    if co == 0.0:
+        return (x, cx) if scaled else x.mul(cx)
+    # cx*x + co*out = cx * (x + (co/cx)*out): one fused add; the scale cx is either returned for the
+    # solver to fold into its weights (one tensor operation saved) or applied in place
+    u = torch.add(x, out, alpha=co / cx)
+    if scaled:
+        return u, cx
+    return u if cx == 1.0 else u.mul_(cx)
+
+
 def _view_coefficients(prediction, view, a, s, da, ds):
     if prediction == "eps":
         x0, eps = (1.0 / a, -s / a), (0.0, 1.0)
@@ -97,7 +117,8 @@ class Model:
     """Wrap ``net(x, model_time, **cond) -> tensor`` with its schedule and prediction type.
 
     Args:
-        net: the network (any callable). ``model_time`` is a 1-D tensor, one entry per sample.
+        net: the network (any callable). ``model_time`` is a 1-D tensor, one entry per sample
+            (reused from call to call at the same time: the network must not modify it in place).
         schedule: a :class:`fewstep.schedules.Schedule`.
         prediction: ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"`` (diffusers' names also accepted).
         dtype: dtype the network is called in (default: its parameters' dtype, else the state's).
@@ -135,6 +156,7 @@ class Model:
         self.name = name or getattr(net, "__name__", type(net).__name__)
         self.nfe = 0
         self.calls = 0
+        self._times: dict = {}
 
     # ------------------------------------------------------------------ construction helpers
     def with_cond(self, **cond) -> "Model":
@@ -162,7 +184,15 @@ class Model:
     def _time_tensor(self, values: Sequence[float], counts: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         if len(values) == 1:
-            return torch.full((counts[0],), values[0], dtype=dtype, device=like.device)
+            # the same few times recur call after call (every sample of a solver on its grid): reuse
+            # the tensor rather than filling a new one per step (on a GPU, one launch per step less)
+            key = (values[0], counts[0], dtype, like.device)
+            cached = self._times.get(key)
+            if cached is None:
+                if len(self._times) >= 512:
+                    self._times.clear()
+                cached = self._times[key] = torch.full((counts[0],), values[0], dtype=dtype, device=like.device)
+            return cached
         return torch.tensor([v for v, c in zip(values, counts) for _ in range(c)], dtype=dtype, device=like.device)
 
     def raw(self, x: torch.Tensor, model_time: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
@@ -175,8 +205,13 @@ class Model:
         nodes: Sequence[Node],
         view: str,
         cond: Mapping[str, Any] | None = None,
-    ) -> list[torch.Tensor]:
-        """Evaluate the network at several (state, node) pairs in ONE call and return ``view`` for each."""
+        scaled: bool = False,
+    ) -> list:
+        """Evaluate the network at several (state, node) pairs in ONE call and return ``view`` for each.
+
+        With ``scaled=True`` each entry is a pair ``(u, s)`` with ``view = s * u`` (a Python float
+        ``s``): one tensor operation fewer per entry, for solvers that fold ``s`` into their weights.
+        """
         cond = self.cond if cond is None else {**self.cond, **cond}
         k = len(xs)
         x = xs[0] if k == 1 else torch.cat(list(xs), dim=0)
@@ -191,8 +226,10 @@ class Model:
         out = self._check_output(out, x_in)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
-        outs = [out] if k == 1 else list(out.split(counts, dim=0))
-        return [self._to_view(xi, oi, n, view) for xi, oi, n in zip(xs, outs, nodes)]
+        to_view = self._to_scaled_view if scaled else self._to_view
+        if k == 1:
+            return [to_view(x, out, nodes[0], view)]
+        return [to_view(xi, oi, n, view) for xi, oi, n in zip(xs, out.split(counts, dim=0), nodes)]
 
     def _check_output(self, out, x_in: torch.Tensor) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
@@ -213,11 +250,13 @@ class Model:
             raise NetworkOutputError(f"network returned dtype {out.dtype}, expected a floating dtype")
         return out
 
+    def _to_scaled_view(self, x: torch.Tensor, out: torch.Tensor, node: Node, view: str) -> tuple[torch.Tensor, float]:
+        cx, co = view_coefficients(self.prediction, view, node)
+        return combine_view(x, out, cx, co, scaled=True)
+
     def _to_view(self, x: torch.Tensor, out: torch.Tensor, node: Node, view: str) -> torch.Tensor:
         cx, co = view_coefficients(self.prediction, view, node)
-        if cx == 0.0:
-            return out if co == 1.0 else out.mul(co)
-        return torch.add(out.mul(co), x, alpha=cx)
+        return combine_view(x, out, cx, co)
 
     # ------------------------------------------------------------------ public views
     def _node(self, t) -> Node:
@@ -281,10 +320,10 @@ class Guided(Model):
         c, u = out[:b], out[b:]
         return torch.add(u, torch.sub(c, u), alpha=self.scale)
 
-    def evaluate(self, xs, nodes, view, cond=None):
+    def evaluate(self, xs, nodes, view, cond=None, scaled=False):
         if cond:
             raise ValueError("cond: a Guided model carries its conditioning; build it with model.guided(...)")
-        return super().evaluate(xs, nodes, view)
+        return super().evaluate(xs, nodes, view, scaled=scaled)
 
 
 def _match_batch(u, c):

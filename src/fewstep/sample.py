@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import grids as _grids
-from .model import Model, NetworkOutputError, view_coefficients
+from .model import Model, NetworkOutputError, combine_view, view_coefficients
 from .noise import NoiseSource
 from .solvers import get as get_solver, Solver
 from .solvers.base import Evaluate, StepDone
@@ -87,9 +87,18 @@ def plan_for(model: Model, solver: Solver, nfe: int | None, grid, start: float |
         if nfe is None:
             raise ValueError("nfe: required with a named grid (or pass grid= as a tensor of times)")
         nfe = _check_nfe(nfe)
+        # a named grid is a pure function of (name, schedule, nfe, start): a repeated call finds both
+        # the grid and the plan here, without building either (this is most of a call's fixed cost)
+        named_key = _plan_key(solver, sch, ("named", grid, nfe, start))
+        hit = _cache_get(named_key, sch)
+        if hit is not None:
+            return hit
         if nfe < solver.min_nfe():
             raise ValueError(f"nfe: {solver.name} with these options needs nfe >= {solver.min_nfe()}, got {nfe}")
         times = _grids.make(grid or default_grid(sch), sch, solver.num_points(nfe), t_start=start)
+        plan = _cached_prepare(solver, sch, times)
+        _cache_put(named_key, sch, (plan, times))
+        return plan, times
     else:
         times = _grids.validate(grid, sch)
         if start is not None and abs(float(times[0]) - float(start)) > 1e-9 * max(1.0, abs(float(start))):
@@ -112,24 +121,45 @@ _PLAN_CACHE_LOCK = threading.Lock()
 _PLAN_CACHE_SIZE = 32
 
 
-def _cached_prepare(solver: Solver, schedule, times: torch.Tensor):
-    try:
-        key = (type(solver), repr(sorted(solver.opts.items())), id(schedule), tuple(times.tolist()))
-        hash(key)
-    except TypeError:  # unhashable options (a callable tau, a model family): no caching
-        return solver.prepare(schedule, times)
+def _plan_key(solver: Solver, schedule, grid_key) -> tuple | None:
+    """The cache key of a plan, or ``None`` when the options make the plan uncacheable."""
     if solver.needs_inputs or any(callable(v) or isinstance(v, (list, dict)) for v in solver.opts.values()):
-        return solver.prepare(schedule, times)
+        return None
+    key = (type(solver), repr(sorted(solver.opts.items())), id(schedule), grid_key)
+    try:
+        hash(key)
+    except TypeError:  # unhashable options (a tensor, a model family): no caching
+        return None
+    return key
+
+
+def _cache_get(key, schedule):
+    if key is None:
+        return None
     with _PLAN_CACHE_LOCK:
         hit = _PLAN_CACHE.get(key)
+        # the id() in the key may be reused by a new schedule once the old one is freed: check identity
         if hit is not None and hit[0] is schedule:
             _PLAN_CACHE.move_to_end(key)
             return hit[1]
-    plan = solver.prepare(schedule, times)
+    return None
+
+
+def _cache_put(key, schedule, value) -> None:
+    if key is None:
+        return
     with _PLAN_CACHE_LOCK:
-        _PLAN_CACHE[key] = (schedule, plan)
+        _PLAN_CACHE[key] = (schedule, value)
         while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
             _PLAN_CACHE.popitem(last=False)
+
+
+def _cached_prepare(solver: Solver, schedule, times: torch.Tensor):
+    key = _plan_key(solver, schedule, ("times", tuple(times.tolist())))
+    plan = _cache_get(key, schedule)
+    if plan is None:
+        plan = solver.prepare(schedule, times)
+        _cache_put(key, schedule, plan)
     return plan
 
 
@@ -174,8 +204,10 @@ class FiniteGuard:
         self.solver_name = solver_name
         self.pending: list[tuple[torch.Tensor, int, float]] = []
 
-    def check(self, tensors, step: int, t: float):
-        for v in tensors:
+    def check(self, answers, step: int, t: float):
+        for v in answers:
+            if type(v) is tuple:  # a scaled answer (u, s): u carries any NaN/Inf, s is a finite float
+                v = v[0]
             s = v.sum(dtype=torch.float32)
             if self.immediate:
                 if not math.isfinite(float(s)):
@@ -276,7 +308,7 @@ def sample(
         while True:
             if type(msg) is Evaluate:
                 try:
-                    preds = (msg.model or model).evaluate(msg.xs, msg.nodes, view, cond)
+                    preds = (msg.model or model).evaluate(msg.xs, msg.nodes, view, cond, scaled=msg.scaled)
                 except NetworkOutputError as e:
                     raise NetworkOutputError(f"{solver_obj.name}, step {msg.step} (t={msg.nodes[0].t:.6g}): {e}") from e
                 guard.check(preds, msg.step, msg.nodes[0].t)
@@ -306,12 +338,14 @@ def _callback_dict(msg: StepDone, last, view: str) -> dict:
     if last is not None:
         req, preds = last
         node, x_eval, pred = req.nodes[-1], req.xs[-1], preds[-1]
+        if type(pred) is tuple:  # a scaled answer (u, s) means s * u
+            pred = pred[0] * pred[1]
         if view == "x0":
             x0 = pred
         else:
             # a view is itself a prediction type ("velocity" is "flow"), so the x0 view follows exactly
             cx, co = view_coefficients("flow" if view == "velocity" else view, "x0", node)
-            x0 = torch.add(pred.mul(co), x_eval, alpha=cx)
+            x0 = combine_view(x_eval, pred, cx, co)
     return {"i": msg.i, "t": msg.t, "x": msg.x, "x0": x0}
 
 

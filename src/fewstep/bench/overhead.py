@@ -144,7 +144,7 @@ def _fewstep_contender(label, name, opts, model, noise, steps) -> Contender:
         try:
             while True:
                 if type(msg) is Evaluate:
-                    msg = run.send(model.evaluate(msg.xs, msg.nodes, view))
+                    msg = run.send(model.evaluate(msg.xs, msg.nodes, view, scaled=msg.scaled))
                 else:
                     msg = run.send(None)
         except StopIteration as stop:

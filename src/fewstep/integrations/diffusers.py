@@ -42,7 +42,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 
 from .. import grids as _grids
 from .. import solvers as _solvers
-from ..model import _check_prediction, view_coefficients
+from ..model import _check_prediction, combine_view, view_coefficients
 from ..noise import NoiseSource
 from ..sample import default_grid, recommended
 from ..schedules import DiscreteVP, Node, RectifiedFlow, Schedule
@@ -611,12 +611,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             x_eval.copy_(sample)
         out = model_output if model_output.dtype == x_eval.dtype else model_output.to(x_eval.dtype)
         cx, co = self._coeffs[k]
-        # the same ops as fewstep.Model._to_view, so both drivers give the same bits
-        if cx == 0.0:
-            pred = out if co == 1.0 else out.mul(co)
-        else:
-            pred = torch.add(out.mul(co), x_eval, alpha=cx)
-        self._received.append(pred)
+        # the same function as fewstep.Model's, so both drivers give the same bits
+        self._received.append(combine_view(x_eval, out, cx, co, scaled=req.scaled))
         self._step_index = k + 1
         if j + 1 < len(req.xs):
             return req.xs[j + 1]  # batched nodes: the pipeline evaluates them one per call
@@ -633,7 +629,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                     if msg.model is None:
                         break
                     # another network of a model family (multilevel solvers): served here directly
-                    msg = run.send(msg.model.evaluate(msg.xs, msg.nodes, self._view))
+                    msg = run.send(msg.model.evaluate(msg.xs, msg.nodes, self._view, scaled=msg.scaled))
                 else:
                     msg = run.send(None)
         except StopIteration as stop:

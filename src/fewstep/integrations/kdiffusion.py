@@ -47,7 +47,7 @@ import torch
 
 from .. import grids as _grids
 from .. import solvers as _solvers
-from ..model import Model, view_coefficients
+from ..model import Model, combine_view, view_coefficients
 from ..noise import NoiseSource
 from ..sample import FiniteGuard
 from ..schedules import EDM, RectifiedFlow
@@ -209,7 +209,7 @@ def solve(
                     out = msg.xs[0]  # the solver's state at the last sigma, before evaluating there
                     run.close()
                     break
-                preds = (msg.model or fmodel).evaluate(msg.xs, msg.nodes, view)
+                preds = (msg.model or fmodel).evaluate(msg.xs, msg.nodes, view, scaled=msg.scaled)
                 guard.check(preds, msg.step, msg.nodes[0].t)
                 last_eval = (msg.xs[0], msg.nodes[0], preds[0])
                 first_eval.setdefault(msg.step, last_eval)
@@ -272,10 +272,12 @@ def _noise(solver, x, generator, noise_sampler, extra_args, sigmas, times, sched
 
 def _callback_dict(i: int, evaluation, view: str, sigmas) -> dict:
     x_eval, node, pred = evaluation if evaluation is not None else (None, None, None)
+    if type(pred) is tuple:  # a scaled answer (u, s) means s * u
+        pred = pred[0] * pred[1]
     denoised = pred
     if pred is not None and view != "x0":
         cx, co = view_coefficients("flow" if view == "velocity" else view, "x0", node)
-        denoised = torch.add(pred.mul(co), x_eval, alpha=cx)
+        denoised = combine_view(x_eval, pred, cx, co)
     sigma = sigmas[i] if i < len(sigmas) else sigmas[-1]
     return {"x": x_eval, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised}
 

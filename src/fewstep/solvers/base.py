@@ -45,12 +45,18 @@ class Evaluate:
 
     ``model`` names another :class:`fewstep.Model` to evaluate (multilevel solvers use a family of
     networks); ``None`` means the model being sampled.
+
+    ``scaled``: the requester also accepts each answer as a pair ``(u, s)`` meaning the view
+    ``s * u`` (:meth:`fewstep.Model.evaluate` with ``scaled=True``). Folding ``s`` into the solver's
+    coefficients saves one tensor operation per evaluation; drivers that ignore the flag answer with
+    plain tensors, which stay valid.
     """
 
     xs: tuple
     nodes: tuple
     step: int
     model: Any = None
+    scaled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,15 +97,21 @@ class Step:
     at: float = 0.0
     noise: float = 0.0
 
-    def terms(self, x, x_tilde, history, z):
+    def terms(self, x, x_tilde, history, z, scales=None):
+        """``(coefficient, tensor)`` pairs; ``scales[k]`` multiplies history entry ``k`` (default 1)."""
         out = []
         if self.a != 0.0:
             out.append((self.a, x))
         if self.at != 0.0:
             out.append((self.at, x_tilde))
-        for c, h in zip(self.d, history):
-            if c != 0.0:
-                out.append((c, h))
+        if scales is None:
+            for c, h in zip(self.d, history):
+                if c != 0.0:
+                    out.append((c, h))
+        else:
+            for c, h, s in zip(self.d, history, scales):
+                if c != 0.0:
+                    out.append((c * s, h))
         if self.noise != 0.0:
             out.append((self.noise, z))
         return out
@@ -139,9 +151,17 @@ class MultistepPlan:
         return [n.t for n in self.nodes]
 
 
+def _as_scaled(answer) -> tuple[torch.Tensor, float]:
+    """An answer to ``Evaluate(..., scaled=True)``: a ``(u, s)`` pair, or a plain tensor (``s = 1``)."""
+    return answer if type(answer) is tuple else (answer, 1.0)
+
+
 def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], torch.Tensor] | None) -> SolverRun:
     """Execute any :class:`MultistepPlan` (the generator shared by all multistep solvers)."""
+    # history[k] * scales[k] is the k-th newest prediction: the scales are Python floats folded into
+    # the step coefficients, so a driver may answer with unscaled tensors (see Evaluate.scaled)
     history: list[torch.Tensor] = []
+    scales: list[float] = []
     keep = max(1, plan.history)
     n = len(plan.nodes)
     correctors = plan.correctors or [None] * n
@@ -152,21 +172,24 @@ def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], t
     for i in range(n):
         node = plan.nodes[i]
         if i == 0 and plan.free_first:
-            d = x_tilde * (1.0 / plan.initial_scale)
+            d, s = x_tilde, 1.0 / plan.initial_scale
         else:
-            (d,) = yield Evaluate((x_tilde,), (node,), i)
+            (answer,) = yield Evaluate((x_tilde,), (node,), i, scaled=True)
+            d, s = _as_scaled(answer)
         history.insert(0, d)
-        del history[keep:]
+        scales.insert(0, s)
+        del history[keep:], scales[keep:]
         corr = correctors[i]
         if corr is not None and i > 0:
-            x = lincomb(corr.terms(x_prev, x_tilde, history, z_prev))
+            x = lincomb(corr.terms(x_prev, x_tilde, history, z_prev, scales))
             if reevaluate[i]:
-                (history[0],) = yield Evaluate((x,), (node,), i)
+                (answer,) = yield Evaluate((x,), (node,), i, scaled=True)
+                history[0], scales[0] = _as_scaled(answer)
         else:
             x = x_tilde
         pred = plan.predictors[i]
         z = noise(i) if (pred.noise != 0.0 and noise is not None) else None
-        x_tilde = lincomb(pred.terms(x, None, history, z))
+        x_tilde = lincomb(pred.terms(x, None, history, z, scales))
         x_prev, z_prev = x, z
         yield StepDone(i, plan.nodes[i + 1].t if i + 1 < n else 0.0, x_tilde)
     return x_tilde

@@ -189,7 +189,7 @@ class EditSession:
             while True:
                 if type(msg) is Evaluate:
                     with self.engine._in_mode(mode, evaluations):
-                        preds = self.model.evaluate(msg.xs, msg.nodes, self.view)
+                        preds = self.model.evaluate(msg.xs, msg.nodes, self.view, scaled=msg.scaled)
                     evaluations += 1
                     self.macs += self.engine.stats.macs
                     self.dense_macs += self.engine.stats.dense_macs

@@ -188,6 +188,8 @@ def run_demo(nfe: int = 6, num: int = 100, guidance: float = 2.0, seed: int = 0,
     with atomic_path(out) as tmp:
         Path(tmp).write_bytes(encode_png(upscale(image, 4)))
         os.chmod(tmp, 0o644)
+    total = sum(r["seconds"] for r in rows if r["seconds"] == r["seconds"])
+    print_fn(f"sampling time, all rows together: {total:.1f} s")
     print_fn(f"comparison image: {out.resolve()}  (blocks top to bottom: "
              + ", ".join(r["solver"] for r in shown) + "; columns are digits 0-9)")
     return [{k: v for k, v in r.items() if k != "x"} for r in rows]
