@@ -252,6 +252,30 @@ def test_default_solver_runs_within_budget():
         assert info.nfe <= nfe
 
 
+def test_default_truncates_the_schedule_only_at_few_steps():
+    model = _gmm_model()
+    sch = model.schedule
+    noise = torch.randn(256, 16, dtype=F64, generator=torch.Generator().manual_seed(3))
+    for nfe, lam in ((5, -3.24), (8, -3.24), (10, -4.1)):
+        _, info = fewstep.sample(model, noise[:2], nfe=nfe, return_info=True)
+        assert info.nfe == nfe
+        assert float(sch.lambda_(torch.tensor(info.grid[0], dtype=F64))) == pytest.approx(lam, abs=1e-9)
+    for nfe in (15, 20):
+        _, info = fewstep.sample(model, noise[:2], nfe=nfe, return_info=True)
+        assert info.grid[0] == pytest.approx(float(sch.t_max))
+    # a schedule that already starts with more signal than the threshold is not truncated
+    short = schedules.DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 300))
+    _, info = fewstep.sample(_gmm_model(sch=short), noise[:2], nfe=5, return_info=True)
+    assert info.grid[0] == pytest.approx(float(short.t_max))
+    # and the truncation is what makes the default more accurate at few steps (measured on gmm16:
+    # RMSE 0.099 against 0.132 at NFE 5 with the same solver and grid from t_max)
+    ref = testbeds.mixtures()["gmm16"].reference(noise, sch)
+    default = fewstep.sample(model, noise, nfe=5)
+    full = fewstep.sample(model, noise, solver="fv", order=1, nfe=5, grid="quadratic-open")
+    err = lambda x: float((x - ref).pow(2).mean().sqrt())
+    assert err(default) < 0.85 * err(full)
+
+
 def test_explicit_grid_and_callback():
     model = _gmm_model()
     grid = torch.tensor([999.0, 700.0, 400.0, 100.0, 0.0])

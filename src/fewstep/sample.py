@@ -46,30 +46,64 @@ class SampleInfo:
 
 
 # The training-free configuration with the lowest error relative to the best diffusers configuration
-# at each budget, measured by `fewstep bench accuracy --target gmm,digits16 --grids` (geometric mean
-# over gmm2d, gmm16, gmm64 and digits16; docs/benchmarks.md): (largest NFE, solver, options, grid).
+# at each budget, measured with `fewstep bench accuracy --target gmm,digits16` (geometric mean over
+# gmm2d, gmm16, gmm64 and digits16; docs/benchmarks.md "Choosing the default"):
+# (largest NFE, solver, options, grid, start log-SNR).
+#
+# The last field truncates the top of the schedule at few steps: sampling starts at the time whose
+# log-SNR is that value (signal fraction alpha/sigma = e^lambda: 0.039 at -3.24, 0.017 at -4.1), from
+# sigma(t_start) * noise, as diffusers' "leading" spacing does. The neglected part of the flow only
+# moves the state by about alpha(t_start) * E[x0]; the evaluation it frees buys more than that at a
+# budget of 5-12, and less above (measured), so larger budgets start at t_max.
 _RECOMMENDED = [
-    (6, "fv", {"order": 1}, "quadratic-open"),
-    (8, "heroism", {"order": 2}, "quadratic-open"),
-    (15, "heroism", {"order": 3}, "quadratic-open"),
-    (math.inf, "unipc", {"order": 3}, "quadratic-open"),
+    (6, "fv", {"order": 1}, "quadratic-open", -3.24),
+    (7, "heroism", {"order": 2}, "quadratic-open", -3.24),
+    (9, "heroism", {"order": 3}, "quadratic-open", -3.24),
+    (12, "heroism", {"order": 3}, "quadratic-open", -4.1),
+    (15, "heroism", {"order": 3}, "quadratic-open", None),
+    (math.inf, "unipc", {"order": 3}, "quadratic-open", None),
 ]
 
 
-def recommended(nfe: int) -> tuple[str, dict]:
-    """The default ``(solver, options)`` for a budget of ``nfe`` network evaluations."""
-    for limit, name, options, _ in _RECOMMENDED:
-        if nfe <= limit:
-            return name, dict(options)
+def _recommended_entry(nfe: int) -> tuple:
+    for entry in _RECOMMENDED:
+        if nfe <= entry[0]:
+            return entry
     raise AssertionError("unreachable")
+
+
+def recommended(nfe: int) -> tuple[str, dict]:
+    """The default ``(solver, options)`` for a budget of ``nfe`` network evaluations.
+
+    Example::
+
+        >>> import fewstep
+        >>> fewstep.recommended(6)
+        ('fv', {'order': 1})
+    """
+    _, name, options, _, _ = _recommended_entry(nfe)
+    return name, dict(options)
 
 
 def recommended_grid(nfe: int) -> str:
     """The named grid used with :func:`recommended` when no grid is given."""
-    for limit, _, _, grid in _RECOMMENDED:
-        if nfe <= limit:
-            return grid
-    raise AssertionError("unreachable")
+    return _recommended_entry(nfe)[3]
+
+
+def recommended_start(nfe: int, schedule) -> float | None:
+    """Where the default sampler starts at this budget: a time below ``t_max``, or ``None`` (``t_max``).
+
+    See ``_RECOMMENDED``: at few evaluations the default skips the top of the schedule, down to the
+    log-SNR in its table, when the schedule starts above it.
+    """
+    lam = _recommended_entry(nfe)[4]
+    if lam is None:
+        return None
+    lam_max = float(schedule.lambda_(torch.tensor(float(schedule.t_max), dtype=torch.float64)))
+    if not lam_max < lam:  # the schedule already starts with more signal than that
+        return None
+    t = float(schedule.t_of_lambda(torch.tensor(lam, dtype=torch.float64)))
+    return t if float(schedule.t_min) < t < float(schedule.t_max) else None
 
 
 def _check_nfe(nfe) -> int:
@@ -271,6 +305,7 @@ def sample(
     if not isinstance(model, Model):
         raise TypeError(f"model: expected a fewstep.Model, got {type(model).__name__}")
     noise = _check_noise(noise, model)
+    truncate = None  # a default start below t_max (see _RECOMMENDED)
     if isinstance(solver, Solver):
         if options:
             raise ValueError(f"options {sorted(options)}: pass them to the solver instance instead")
@@ -283,13 +318,21 @@ def sample(
             options = {**defaults, **options}
             if grid is None:
                 grid = recommended_grid(nfe)
+                if start is None:
+                    truncate = recommended_start(nfe, model.schedule)
         solver_obj = get_solver(solver, **options)
-    plan, times = plan_for(model, solver_obj, nfe, grid, start)
+    plan, times = plan_for(model, solver_obj, nfe, grid, start if truncate is None else truncate)
     if start is not None and getattr(plan, "free_first", False):
         raise ValueError(f"start: {solver_obj.name} treats its first state as pure noise; it cannot start at t={start:g}")
 
     dtype = _state_dtype(noise, state_dtype)
-    x = noise.to(dtype) if start is not None else noise.to(dtype) * model.schedule.initial_scale
+    if start is not None:
+        x = noise.to(dtype)
+    elif truncate is not None:
+        # the default's truncated schedule: pure noise at the lower start, sigma(t0) * noise
+        x = noise.to(dtype) * float(model.schedule.sigma(torch.tensor(truncate, dtype=torch.float64)))
+    else:
+        x = noise.to(dtype) * model.schedule.initial_scale
     noise_source = None
     if solver_obj.stochastic:
         noise_source = NoiseSource(x, generator, times=times, schedule=model.schedule,

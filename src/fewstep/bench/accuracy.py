@@ -697,10 +697,13 @@ def _setup_text(nfes, peers, row_notes) -> str:
 
 
 def _recommended_text(nfes) -> str:
+    from ..sample import _recommended_entry
+
     parts = []
     for n in nfes:
-        name, opts = recommended(n)
-        parts.append(f"{n}: {name}" + "".join(f" {k}={v}" for k, v in opts.items()))
+        _, name, opts, grid, start_logsnr = _recommended_entry(n)
+        start = f", from log-SNR {start_logsnr:g}" if start_logsnr is not None else ""
+        parts.append(f"{n}: {name}" + "".join(f" {k}={v}" for k, v in opts.items()) + f" on {grid}{start}")
     return "; ".join(parts)
 
 

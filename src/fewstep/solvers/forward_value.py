@@ -133,7 +133,10 @@ class ForwardValue(Solver):
             )
         p = self.order
         n = len(nodes)
-        initial_scale = float(schedule.initial_scale)
+        # the free noise prediction is x / initial_scale: sigma(t_max) on grids that start at t_max,
+        # sigma(t0) on a grid that starts lower (fewstep.sample's default truncates the schedule at few
+        # steps and starts from sigma(t0) * noise)
+        initial_scale = float(schedule.initial_scale) if float(times[0]) >= float(schedule.t_max) else nodes[0].sigma
         predictors, correctors = [], [None]
         for i in range(n - 1):
             q = _usable_history(nodes, i, p)
