@@ -66,21 +66,29 @@ class atomic_path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
-        # mkstemp creates 0600; give the final file the permissions an ordinary open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
             try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
+                # mkstemp creates 0600, and writers such as safetensors recreate the file: give the
+                # final file the permissions an ordinary open() would, just before it appears
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)
+                os.replace(self.tmp, self.path)
+                return False
+            except BaseException:  # Ctrl-C between the write and the rename: no leftover either
+                self._discard()
+                raise
+        self._discard()
         return False
+
+    def _discard(self) -> None:
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
 
 
 @dataclass
