@@ -26,7 +26,14 @@ def register(subparsers) -> None:
                    help="digit label(s): one integer, a comma list cycled over the batch, or 'all' for 0..9 cycled")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default: 1, none)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    p.add_argument("--num", type=int, default=16, help="number of samples (default: 16)")
+    # -n as well: under torchrun, `--num` collides with torchrun's own --numa-binding (an ambiguous prefix)
+    p.add_argument("-n", "--num", type=int, default=16, help="number of samples (default: 16)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="samples per batch (default: 256); with --seed and --num it fixes the output, whatever "
+                        "the number of torchrun processes sharing the batches")
+    p.add_argument("--shards", default=None, metavar="DIR",
+                   help="keep each finished batch in DIR (with index.json): a killed job, rerun with the same "
+                        "arguments, resumes without redoing them")
     p.add_argument("--out", required=True, help="output: NAME.png (image grid) or NAME.pt (raw tensor, torch.save)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample)
@@ -93,36 +100,50 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def _cmd_sample(args) -> int:
-    import torch
+    """``fewstep sample``, also under ``torchrun`` (docs/guides/distributed.md).
 
-    from .. import zoo
-    from ..bench.report import atomic_path
-    from ..sample import sample
+    Sample ``i`` takes its noise from a generator seeded by ``(--seed, i)`` and its label from
+    ``--label`` at position ``i``; batches of ``--batch-size`` are shared out over the ranks and rank 0
+    gathers and writes the output, so any number of processes writes the same file.
+    """
+    from .. import distributed, zoo
     from .images import save_grid
 
     _check_positive("--num", args.num)
     _check_positive("--nfe", args.nfe)
+    _check_positive("--batch-size", args.batch_size)
     out = Path(args.out)
     if out.suffix not in (".png", ".pt"):
         raise ValueError(f"--out: the name must end in .png (image grid) or .pt (raw tensor), got {args.out!r}")
     model = zoo.load(args.model)
     labels = parse_labels(args.label, args.num, model.null_label)
-    m = zoo.conditioned(model, labels, args.guidance)
-    noise = torch.randn(args.num, *model.sample_shape, generator=torch.Generator().manual_seed(args.seed))
+    zoo.conditioned(model, labels, args.guidance)  # bad --label/--guidance fail here, before any process waits
+
+    def model_for(rows: range):
+        # the labels of the batch's own samples: sample i gets label i whatever the batch and rank
+        return zoo.conditioned(model, None if labels is None else labels[rows.start:rows.stop], args.guidance)
+
     options = {} if args.order is None else {"order": args.order}
-    start = time.perf_counter()
-    x, info = sample(m, noise, solver=args.solver, nfe=args.nfe, grid=args.grid, progress=not args.no_progress,
-                     generator=torch.Generator().manual_seed(args.seed + 1), return_info=True, **options)
-    seconds = time.perf_counter() - start
-    if out.suffix == ".pt":
-        with atomic_path(out) as tmp:
-            torch.save(x, tmp)
-            os.chmod(tmp, 0o644)  # temp files are created 0600
-    else:
+    describe = {"model": args.model, "label": args.label, "guidance": args.guidance}
+    with distributed.launched("gloo") as ctx:  # the CLI samples on the CPU: gloo moves CPU tensors
+        start = time.perf_counter()
+        x, info = distributed.sample_job(
+            model, num=args.num, batch_size=args.batch_size, seed=args.seed, ctx=ctx,
+            out=out if out.suffix == ".pt" else None, shards=args.shards, model_for=model_for, describe=describe,
+            progress=not args.no_progress, return_info=True,
+            solver=args.solver, nfe=args.nfe, grid=args.grid, **options)
+        seconds = time.perf_counter() - start
+    if not ctx.is_main:
+        return 0
+    if out.suffix == ".png":
         nrow = 10 if (labels is not None and args.num >= 10) else None
         save_grid(x, out, nrow=nrow, scale=4 if model.sample_shape[-1] <= 16 else 2)
-    print(f"{model.name}: {args.num} samples, solver {info.solver}, {info.nfe} NFE ({info.calls} calls), "
-          f"{seconds:.2f} s -> {out}")
+    work = f"{info.calls} network calls in {info.computed} batches"
+    if ctx.world > 1:
+        work += f" on {ctx.world} processes"
+    if info.resumed:
+        work += f", {info.resumed} of {info.batches} batches resumed from {args.shards}"
+    print(f"{model.name}: {args.num} samples, solver {info.solver}, {info.nfe} NFE ({work}), {seconds:.2f} s -> {out}")
     return 0
 
 
