@@ -276,6 +276,23 @@ def test_default_truncates_the_schedule_only_at_few_steps():
     assert err(default) < 0.85 * err(full)
 
 
+def test_start_logsnr_truncates_any_solver_and_rejects_conflicts():
+    model = _gmm_model()
+    sch = model.schedule
+    noise = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(4))
+    x, info = fewstep.sample(model, noise, solver="dpm++", nfe=6, start_logsnr=-3.0, return_info=True)
+    assert float(sch.lambda_(torch.tensor(info.grid[0], dtype=F64))) == pytest.approx(-3.0, abs=1e-9)
+    assert torch.isfinite(x).all() and info.nfe == 6
+    _, info = fewstep.sample(model, noise, nfe=6, start_logsnr=float("-inf"), return_info=True)
+    assert info.grid[0] == pytest.approx(float(sch.t_max))  # the default, untruncated
+    with pytest.raises(ValueError, match="start_logsnr"):
+        fewstep.sample(model, noise, solver="ddim", grid=torch.tensor([900.0, 500.0]), start_logsnr=-3.0)
+    with pytest.raises(ValueError, match="start_logsnr"):
+        fewstep.sample(model, noise, solver="ddim", nfe=4, start=500.0, start_logsnr=-3.0)
+    with pytest.raises(ValueError, match="start_logsnr"):
+        fewstep.sample(model, noise, solver="ddim", nfe=4, start_logsnr=float("nan"))
+
+
 def test_explicit_grid_and_callback():
     model = _gmm_model()
     grid = torch.tensor([999.0, 700.0, 400.0, 100.0, 0.0])

@@ -90,15 +90,21 @@ def recommended_grid(nfe: int) -> str:
     return _recommended_entry(nfe)[3]
 
 
-def recommended_start(nfe: int, schedule) -> float | None:
-    """Where the default sampler starts at this budget: a time below ``t_max``, or ``None`` (``t_max``).
+def recommended_start(nfe: int) -> float | None:
+    """The log-SNR where the default sampler starts at this budget (``None``: at ``t_max``).
 
-    See ``_RECOMMENDED``: at few evaluations the default skips the top of the schedule, down to the
-    log-SNR in its table, when the schedule starts above it.
+    See ``_RECOMMENDED``: at few evaluations the default skips the top of the schedule.
     """
-    lam = _recommended_entry(nfe)[4]
-    if lam is None:
+    return _recommended_entry(nfe)[4]
+
+
+def truncated_start(schedule, start_logsnr: float | None) -> float | None:
+    """The time where the log-SNR is ``start_logsnr``, or ``None`` when the schedule starts above it."""
+    if start_logsnr is None:
         return None
+    lam = float(start_logsnr)
+    if lam != lam:
+        raise ValueError("start_logsnr: expected a number, got NaN")
     lam_max = float(schedule.lambda_(torch.tensor(float(schedule.t_max), dtype=torch.float64)))
     if not lam_max < lam:  # the schedule already starts with more signal than that
         return None
@@ -277,6 +283,7 @@ def sample(
     cond: Mapping[str, Any] | None = None,
     state_dtype: torch.dtype | None = None,
     start: float | None = None,
+    start_logsnr: float | None = None,
     return_info: bool = False,
     **options,
 ):
@@ -296,6 +303,10 @@ def sample(
         state_dtype: dtype of the solver state (default: the noise's, float32 for fp16/bf16 noise).
         start: sample from a partly noised state: ``noise`` is then the state at schedule time
             ``start`` (used as is, not scaled) and named grids span ``[t_min, start]`` (SDEdit, img2img).
+        start_logsnr: truncate the top of the schedule: a named grid starts where the log-SNR is this
+            value (when the schedule starts above it) from pure noise, ``sigma * noise`` there. The
+            default solver does this at NFE <= 12 (``recommended_start``); pass ``float("-inf")`` to
+            start at ``t_max`` with the default solver.
         return_info: also return a :class:`SampleInfo`.
         **options: solver options (``order=``, ...); unknown ones raise ``ValueError``.
 
@@ -305,7 +316,9 @@ def sample(
     if not isinstance(model, Model):
         raise TypeError(f"model: expected a fewstep.Model, got {type(model).__name__}")
     noise = _check_noise(noise, model)
-    truncate = None  # a default start below t_max (see _RECOMMENDED)
+    if start_logsnr is not None and (start is not None or not (grid is None or isinstance(grid, str))):
+        raise ValueError("start_logsnr: only with a named grid and without start= (a grid tensor or start= "
+                         "sets where sampling begins)")
     if isinstance(solver, Solver):
         if options:
             raise ValueError(f"options {sorted(options)}: pass them to the solver instance instead")
@@ -318,9 +331,10 @@ def sample(
             options = {**defaults, **options}
             if grid is None:
                 grid = recommended_grid(nfe)
-                if start is None:
-                    truncate = recommended_start(nfe, model.schedule)
+                if start is None and start_logsnr is None:
+                    start_logsnr = recommended_start(nfe)
         solver_obj = get_solver(solver, **options)
+    truncate = truncated_start(model.schedule, start_logsnr)  # a start below t_max, from pure noise
     plan, times = plan_for(model, solver_obj, nfe, grid, start if truncate is None else truncate)
     if start is not None and getattr(plan, "free_first", False):
         raise ValueError(f"start: {solver_obj.name} treats its first state as pure noise; it cannot start at t={start:g}")

@@ -77,9 +77,31 @@ class FewstepRow:
     solver: str | None
     options: tuple = ()
     grid: str | None = None
+    #: truncate the schedule: start from pure noise where the log-SNR is this (``sample(start_logsnr=)``)
+    start_logsnr: float | None = None
 
     def kwargs(self) -> dict:
         return dict(self.options)
+
+
+#: ``--starts``: the candidates for the default at few steps, each from every start log-SNR below
+#: (``None``: from t_max) -- how ``sample.py::_RECOMMENDED`` was chosen.
+START_CANDIDATES = (("fv", 1), ("heroism", 2), ("heroism", 3), ("unipc", 2), ("unipc", 3))
+START_LOGSNRS = (None, -4.1, -3.6, -3.24, -2.9)
+START_GRID = "quadratic-open"
+
+
+def start_rows() -> list[FewstepRow]:
+    """Rows of the ``--starts`` sweep: each candidate on ``quadratic-open`` from each start log-SNR."""
+    rows = []
+    for name, order in START_CANDIDATES:
+        if name not in REGISTRY:
+            continue
+        for lam in START_LOGSNRS:
+            where = "t_max" if lam is None else f"log-SNR {lam:g}"
+            rows.append(FewstepRow(f"{name} o{order} @ {START_GRID} from {where}", name, (("order", order),),
+                                   START_GRID, lam if lam is not None else -math.inf))
+    return rows
 
 
 def fewstep_rows(grids: Sequence[str | None] = (None,)) -> tuple[list[FewstepRow], list[str]]:
@@ -277,8 +299,10 @@ def run_fewstep(target: _targets.Target, row: FewstepRow, nfe: int) -> tuple[flo
             solver = _solvers.get(solver_name, **opts)
             if nfe < solver.min_nfe():
                 return None, None
-            if grid is not None and grid.endswith(OPEN):
+            if grid is not None and grid.endswith(OPEN) and row.start_logsnr is None:
                 grid = open_grid(grid[: -len(OPEN)], target.schedule, solver.num_points(nfe))
+        if row.start_logsnr is not None:
+            opts["start_logsnr"] = row.start_logsnr
         with torch.no_grad():
             out, info = sample(target.model, target.noise, solver=solver_name, nfe=nfe, grid=grid,
                                return_info=True, **opts)
@@ -620,6 +644,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grids", action="store_true",
                         help="also run every fewstep solver on each named grid and its -open variant "
                              "(no evaluation at t_min), in secondary tables")
+    parser.add_argument("--starts", action="store_true",
+                        help="also run the default's candidates from several start log-SNRs (a truncated "
+                             "schedule), ranked in a secondary table: how the default was chosen")
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers (fewstep rows only)")
 
 
@@ -630,6 +657,7 @@ def run(args) -> Report:
     nfes = _int_list(args.nfe)
     rows, row_notes = fewstep_rows((None,))
     grid_rows: list[FewstepRow] = fewstep_rows(grid_names())[0] if args.grids else []
+    grid_rows += start_rows() if getattr(args, "starts", False) else []
     peers = [] if args.no_peers else peer_configs()
     report = Report(title="fewstep bench accuracy: endpoint RMSE against exact references")
     report.add("Setup", _setup_text(nfes, peers, row_notes))
@@ -660,12 +688,14 @@ def run(args) -> Report:
             "`error / best peer`:\n\n" + grid_ranking(results, main),
         )
         if grid_rows:
-            report.add("Which fewstep solver and grid (for `sample.py::_RECOMMENDED` and `default_grid`)",
+            report.add("Which fewstep solver, grid and start (for `sample.py::_RECOMMENDED` and `default_grid`)",
                        "Each fewstep solver on each named grid, ranked per NFE by the geometric mean over the "
                        "targets of `error / best peer`. `NAME-open` is the named grid spaced for one more "
                        "point with its last point, t_min, dropped: no evaluation is spent next to clean "
                        "data, and the final step to zero noise starts from the point before (as diffusers' "
-                       "`final_sigmas_type=\"zero\"` does).\n\n" + grid_ranking(results, by_grid, top=5))
+                       "`final_sigmas_type=\"zero\"` does). `from log-SNR L` (with `--starts`): the schedule "
+                       "truncated, sampling starts from pure noise where the log-SNR is L "
+                       "(`fewstep.sample(..., start_logsnr=L)`).\n\n" + grid_ranking(results, by_grid, top=5))
     for res in results:
         _add_target_sections(report, res, main, by_grid, args.out)
     if skipped:
