@@ -231,6 +231,9 @@ def _state_dtype(noise: torch.Tensor, state_dtype) -> torch.dtype:
     return torch.float32 if noise.dtype in (torch.float16, torch.bfloat16) else noise.dtype
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 class FiniteGuard:
     """Stops on NaN/Inf without a host-device sync per step on GPUs.
 
@@ -248,7 +251,8 @@ class FiniteGuard:
         for v in answers:
             if type(v) is tuple:  # a scaled answer (u, s): u carries any NaN/Inf, s is a finite float
                 v = v[0]
-            s = v.sum(dtype=torch.float32)
+            # a half-precision sum could overflow on finite values: those accumulate in float32
+            s = torch.sum(v) if v.dtype in _WIDE else v.sum(dtype=torch.float32)
             if self.immediate:
                 if not math.isfinite(float(s)):
                     self._raise(step, t)
@@ -360,23 +364,26 @@ def sample(
     nfe0, calls0 = model.nfe, model.calls
     run = solver_obj.run(plan, x, noise_source)
     last: tuple | None = None
+    # the step loop runs once per network call: bound methods in locals keep its Python cost down
+    send, check, evaluate = run.send, guard.check, model.evaluate
     try:
         msg = next(run)
         while True:
             if type(msg) is Evaluate:
                 try:
-                    preds = (msg.model or model).evaluate(msg.xs, msg.nodes, view, cond, scaled=msg.scaled)
+                    preds = (msg.model.evaluate if msg.model is not None else evaluate)(
+                        msg.xs, msg.nodes, view, cond, scaled=msg.scaled)
                 except NetworkOutputError as e:
                     raise NetworkOutputError(f"{solver_obj.name}, step {msg.step} (t={msg.nodes[0].t:.6g}): {e}") from e
-                guard.check(preds, msg.step, msg.nodes[0].t)
+                check(preds, msg.step, msg.nodes[0].t)
                 if bar is not None:
                     bar.update(len(msg.nodes))
                 last = (msg, preds)
-                msg = run.send(preds)
+                msg = send(preds)
             else:
                 if callback is not None and type(msg) is StepDone:
                     callback(_callback_dict(msg, last, view))
-                msg = run.send(None)
+                msg = send(None)
     except StopIteration as stop:
         out = stop.value
     finally:
