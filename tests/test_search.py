@@ -20,12 +20,16 @@ def linear_vp():
     return schedules.DiscreteVP.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=F64))
 
 
-def random_params(schedule, n, view=None, seed=0, base_order=2, scale=0.3):
+def random_params(schedule, n, view=None, seed=0, base_order=2, scale=0.3, corrector=False):
     g = torch.Generator().manual_seed(seed)
     view = view or P.default_view(schedule)
-    return P.SolverParameters(view, base_order, torch.randn(n, generator=g, dtype=F64),
-                              scale * torch.randn(n, n, generator=g, dtype=F64),
-                              0.1 * torch.randn(n, generator=g, dtype=F64))
+    p = P.SolverParameters(view, base_order, torch.randn(n, generator=g, dtype=F64),
+                           scale * torch.randn(n, n, generator=g, dtype=F64),
+                           0.1 * torch.randn(n, generator=g, dtype=F64))
+    if corrector:
+        p.gains = 0.3 * torch.randn(n, generator=g, dtype=F64)
+        p.corrector = scale * torch.randn(n, n, generator=g, dtype=F64)
+    return p
 
 
 # ------------------------------------------------------------------------------ parameterisation
@@ -102,11 +106,12 @@ def _save(tmp_path, params, sch, name="s.safetensors", prediction="eps"):
     return str(path)
 
 
+@pytest.mark.parametrize("corrector", [False, True], ids=["plain", "corrector+gains"])
 @pytest.mark.parametrize("schedule,prediction", [(linear_vp(), "eps"), (schedules.RectifiedFlow(t_max=0.999), "flow")],
                          ids=["discrete-eps", "flow"])
-def test_searched_solver_runs_exactly_the_searched_update(tmp_path, schedule, prediction):
+def test_searched_solver_runs_exactly_the_searched_update(tmp_path, schedule, prediction, corrector):
     gm = testbeds.mixtures()["gmm2d"]
-    params = random_params(schedule, 6, seed=4)
+    params = random_params(schedule, 6, seed=4, corrector=corrector)
     path = _save(tmp_path, params, schedule, prediction=prediction)
     noise = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
     got, info = fewstep.sample(gm.model(schedule, prediction=prediction), noise, solver="searched", path=path,
@@ -114,7 +119,19 @@ def test_searched_solver_runs_exactly_the_searched_update(tmp_path, schedule, pr
     with torch.no_grad():
         want, _ = R.rollout(R.differentiable_testbed(gm, schedule, prediction), noise, P.step_table(params, schedule))
     assert info.nfe == 6
-    assert float((got - want).abs().max()) < 1e-12
+    # (the corrector's extra sums round in another order in run_multistep)
+    assert float((got - want).abs().max()) < (1e-10 if corrector else 1e-12)
+    if corrector:
+        # the corrector changes the result, and a zero corrector is exactly no corrector
+        plain = P.SolverParameters(params.view, params.base_order, params.time_logits, params.corrections,
+                                   params.time_offsets, params.gains)
+        with torch.no_grad():
+            no_corr, _ = R.rollout(R.differentiable_testbed(gm, schedule, prediction), noise, P.step_table(plain, schedule))
+            zero, _ = R.rollout(R.differentiable_testbed(gm, schedule, prediction), noise,
+                                P.step_table(plain.with_corrector(), schedule))
+        assert float((got - no_corr).abs().max()) > 1e-3
+        assert float((zero - no_corr).abs().max()) < 1e-10
+        assert torch.equal(fileformat.load(path).params.corrector, params.corrector)
 
 
 def test_searched_file_checks(tmp_path):
@@ -235,3 +252,71 @@ def test_cli_search_writes_a_usable_solver(tmp_path, capsys):
     rc = main(["search", "--model", "gaussian", "--nfe", "3,4", "--out", str(tmp_path / "one.safetensors")])
     assert rc == 2
     assert "--out: with several NFEs the name must contain {nfe}" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ shipped solvers
+SHIPPED_TARGETS = ("gmm2d", "gmm16", "gmm64", "digits16")
+SHIPPED_NFES = (4, 5, 6, 8, 10)
+
+
+def test_bundled_lookup():
+    from fewstep import search
+
+    for target in SHIPPED_TARGETS:
+        for nfe in SHIPPED_NFES:
+            path = search.bundled(target, nfe)
+            assert path is not None and path.name == f"{target}-nfe{nfe}.safetensors" and path.is_file()
+    assert search.bundled("digits16", 7) is None and search.bundled("patches-none", 6) is None
+    assert search.bundled("digits16-l", 6) == search.bundled("digits16", 6)  # the zoo alias
+    assert {f"{t}-nfe{n}" for t in SHIPPED_TARGETS for n in SHIPPED_NFES} <= set(search.bundled_names())
+    with pytest.raises(ValueError, match="nfe: expected a positive integer"):
+        search.bundled("digits16", 0)
+    # the folder stays small: a few KB per solver
+    total = sum(search.bundled(t, n).stat().st_size for t in SHIPPED_TARGETS for n in SHIPPED_NFES)
+    assert total < 200_000
+
+
+@pytest.mark.parametrize("target", ["gmm2d", "gmm16", "gmm64"])
+def test_shipped_testbed_solvers_beat_every_training_free_start(target):
+    """Every shipped testbed solver runs through fewstep.sample (bundled short name) and, on noise
+    neither the search nor the benchmark used, beats the best training-free solver of its search
+    space (DDIM / DPM-Solver++ 2M, 3M on four grids, three end shares) by 2x at least."""
+    from fewstep import search
+    from fewstep.bench import targets
+
+    sch = targets.linear_schedule()
+    gm = targets.exact_testbed(target)
+    model = gm.model(sch, prediction="eps", dtype=F64)
+    noise = torch.randn(128, gm.dim, dtype=F64, generator=torch.Generator().manual_seed(2024))
+    reference = gm.reference(noise, sch)
+    rollout_model = R.differentiable_testbed(gm, sch)
+    for nfe in SHIPPED_NFES:
+        name = f"{target}-nfe{nfe}"
+        solver = fileformat.load(search.bundled(target, nfe))
+        assert solver.nfe == nfe and solver.model == target and solver.prediction == "eps"
+        x, info = fewstep.sample(model, noise, solver="searched", path=name, nfe=nfe, return_info=True)
+        assert info.nfe == nfe
+        err = float((x - reference).pow(2).mean().sqrt())
+        best_free = min(loop.evaluate_rmse(rollout_model, p, noise, reference) for _, p in loop.candidates(sch, nfe, "x0"))
+        assert err < 0.5 * best_free, (name, err, best_free)
+
+
+@pytest.mark.parametrize("target", ["digits16", "patches32"])
+def test_shipped_zoo_solvers_run_on_the_bundled_model(target):
+    """Each solver shipped for a bundled model loads by its short name and samples that model (as
+    the benchmark calls it: class-conditional models with labels in turn, no guidance)."""
+    from fewstep import search, zoo
+
+    model = zoo.load(target)
+    conditional = getattr(model, "null_label", None) is not None
+    if conditional:
+        model = model.with_cond(label=torch.arange(4) % 10)
+    noise = torch.randn(4, *model.sample_shape, generator=torch.Generator().manual_seed(5))
+    for nfe in SHIPPED_NFES:
+        solver = fileformat.load(search.bundled(target, nfe))
+        assert solver.nfe == nfe and solver.model == target
+        assert solver.search["labels"] == ("cycle" if conditional else "none")
+        assert solver.search["val_rmse"] < solver.search["val_rmse_init"]  # it improved on its start
+        x, info = fewstep.sample(model, noise, solver="searched", path=f"{target}-nfe{nfe}", nfe=nfe, return_info=True)
+        assert info.nfe == nfe and x.shape == (4, *model.sample_shape) and bool(torch.isfinite(x).all())
+        assert float(x.abs().max()) < 3.0  # clean data lives in [-1, 1]

@@ -65,6 +65,8 @@ DEFAULT_NFES = (4, 5, 6, 8, 10, 15, 20)
 #: The budgets the headline ratio averages over (geometric mean).
 HEADLINE_NFES = (5, 6, 8, 10)
 DEFAULT_LABEL = "fewstep default"
+#: The searched solver fewstep ships for the target and NFE (``fewstep.search.bundled``), when there is one.
+SEARCHED_LABEL = "fewstep searched (bundled)"
 BEST_PEER = "best peer (oracle)"
 
 
@@ -115,9 +117,11 @@ def fewstep_rows(grids: Sequence[str | None] = (None,)) -> tuple[list[FewstepRow
     notes: list[str] = []
     if None in grids:
         rows.append(FewstepRow(DEFAULT_LABEL, None))
+        if "searched" in REGISTRY:
+            rows.append(FewstepRow(SEARCHED_LABEL, "searched"))
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
-        if cls.stochastic:
+        if cls.stochastic or name == "searched":  # searched: one file per target and NFE (SEARCHED_LABEL)
             continue
         orders = list(cls.orders) if "order" in cls.options and len(cls.orders) > 1 else [None]
         for order in orders:
@@ -295,6 +299,13 @@ def run_fewstep(target: _targets.Target, row: FewstepRow, nfe: int) -> tuple[flo
         solver_name = row.solver
         opts = row.kwargs()
         grid = row.grid
+        if row.label == SEARCHED_LABEL:
+            from ..search import bundled
+
+            path = bundled(target.name, nfe)
+            if path is None:
+                return None, None  # nothing shipped for this target and NFE: an empty cell
+            opts["path"] = str(path)
         if solver_name is not None:
             solver = _solvers.get(solver_name, **opts)
             if nfe < solver.min_nfe():
@@ -687,6 +698,15 @@ def run(args) -> Report:
             + "\n\nBest fewstep solvers (default grid), ranked by the geometric mean over the targets of "
             "`error / best peer`:\n\n" + grid_ranking(results, main),
         )
+        if any(r.label == SEARCHED_LABEL for r in rows):
+            table, total = ratio_summary(results, label=SEARCHED_LABEL)
+            report.add(
+                "Summary: searched solvers / best peer",
+                "Ratio of the RMSE of the searched solver fewstep ships for the target and NFE "
+                "(`fewstep.sample(model, noise, solver=\"searched\", path=fewstep.search.bundled(target, N))`, "
+                "searched on noise disjoint from this benchmark's) to the best diffusers configuration "
+                "(acceptance: at most 0.3 on the same targets and NFE). nan: no searched solver shipped for that NFE.\n\n" + table,
+            )
         if grid_rows:
             report.add("Which fewstep solver, grid and start (for `sample.py::_RECOMMENDED` and `default_grid`)",
                        "Each fewstep solver on each named grid, ranked per NFE by the geometric mean over the "

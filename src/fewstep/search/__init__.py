@@ -11,6 +11,7 @@ Example::
     result = search.search(model, nfe=6)                    # model: a fewstep.Model (torch network)
     search.save("solver.safetensors", result, model)
     x0 = fewstep.sample(model, noise, solver="searched", path="solver.safetensors", nfe=6)
+    x0 = fewstep.sample(model, noise, solver="searched", path="digits16-nfe6", nfe=6)   # shipped
 
 Modules: :mod:`~fewstep.search.parameterisation` (the search space and the coefficient formula
 shared with the solver), :mod:`~fewstep.search.rollout` (its differentiable twin of the step loop),
@@ -29,6 +30,7 @@ __all__ = [
     "save",
     "load",
     "bundled",
+    "bundled_names",
     "SearchResult",
     "SearchedFile",
     "ScheduleMismatch",
@@ -49,8 +51,36 @@ def save(path, result: SearchResult, model, *, model_name: str | None = None, ex
                            model=model_name or model.name, search=info)
 
 
-def bundled() -> list[str]:
-    """Names of the searched solvers shipped with fewstep (``path=`` accepts them)."""
-    from ..solvers.searched import bundled_names
+def bundled(target: str, nfe: int):
+    """The searched solver fewstep ships for ``target`` at ``nfe``, as a ``pathlib.Path``, or ``None``.
 
-    return bundled_names()
+    ``target`` is a benchmark target / model name (``"digits16"``, ``"gmm16"``, ...; zoo aliases such
+    as ``digits16-l`` for ``digits16`` are accepted). Each file was searched for exactly the model
+    call ``fewstep bench`` makes on that target (class-conditional models: labels 0..9 in turn, no
+    guidance), on noise disjoint from the benchmark's.
+
+    Example::
+
+        >>> from fewstep import search
+        >>> search.bundled("digits16", 6).name
+        'digits16-nfe6.safetensors'
+        >>> search.bundled("digits16", 7) is None
+        True
+    """
+    from pathlib import Path
+
+    from ..solvers.searched import bundled_file
+
+    if not isinstance(target, str):
+        raise TypeError(f"target: expected a model or benchmark target name, got {type(target).__name__}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe: expected a positive integer, got {nfe!r}")
+    found = bundled_file(f"{target}-nfe{nfe}")
+    return Path(found) if found is not None else None
+
+
+def bundled_names() -> list[str]:
+    """Names of the searched solvers shipped with fewstep (``path=`` accepts them), e.g. ``digits16-nfe6``."""
+    from ..solvers.searched import bundled_names as names
+
+    return names()

@@ -10,6 +10,10 @@ the teacher's end point is then the exact flow map), or ``module:callable`` retu
 :class:`fewstep.Model` whose network is differentiable.
 
 Use the result with ``fewstep.sample(model, noise, solver="searched", path=..., nfe=N)``.
+
+Under ``torchrun --nproc-per-node N -m fewstep search ...`` the training noise and its teacher
+trajectories are sharded over the processes, losses and gradients are all-reduced (gloo), every
+process takes the same optimiser steps, and rank 0 writes the file.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ import shlex
 import sys
 import time
 
-__all__ = ["register", "resolve_model", "TESTBED_NAMES"]
+__all__ = ["register", "resolve_model", "label_sampler", "TESTBED_NAMES", "LABEL_MODES"]
 
 TESTBED_NAMES = ("gmm2d", "gmm16", "gmm64", "gaussian")
+LABEL_MODES = ("cycle", "random", "none")
 
 
 def register(subparsers) -> None:
@@ -46,10 +51,16 @@ def register(subparsers) -> None:
     p.add_argument("--mid-weight", type=float, default=1.0, help="weight of the intermediate-state loss (default 1)")
     p.add_argument("--no-offsets", action="store_true",
                    help="do not search the network's time at each node (DS-Solver's own search space)")
+    p.add_argument("--free-sums", action="store_true",
+                   help="also search a gain per step: weights need not sum to one (DyWeight)")
+    p.add_argument("--corrector", action="store_true",
+                   help="also search a corrector (UniPC-style, no extra evaluation)")
     p.add_argument("--teacher-steps", type=int, default=100,
                    help="evaluations per sample of the teacher, DPM-Solver++(3M) on a log-SNR grid (default 100)")
-    p.add_argument("--labels", action="store_true",
-                   help="class-conditional model: draw a random label per sample (default: the model as loaded)")
+    p.add_argument("--labels", choices=LABEL_MODES, default=None,
+                   help="class-conditional models: 'cycle' (labels 0, 1, ..., 9, 0, ... as `fewstep bench` "
+                   "and `fewstep sample` call them; the default for class-conditional models), 'random' (a "
+                   "random label per sample) or 'none' (the model as loaded; the default otherwise)")
     p.add_argument("--time-budget", type=float, default=None, help="stop optimising after this many seconds")
     p.add_argument("--cache-dir", default=None, help="teacher cache (default $FEWSTEP_CACHE or ~/.cache/fewstep)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the teacher cache")
@@ -102,24 +113,39 @@ def resolve_model(spec: str):
     return model, None, ""
 
 
-def _label_sampler(model):
+def label_sampler(model, mode: str | None):
+    """``cond_fn`` for :func:`fewstep.search.search` from a ``--labels`` mode (``None``: the default).
+
+    A class-conditional model (one with ``null_label``) is searched on the labels it is sampled
+    with: ``cycle`` gives sample ``k`` the label ``k mod classes``, exactly as ``fewstep bench``
+    conditions it (no guidance). ``none`` searches the model as loaded.
+    """
     import torch
 
+    if mode is not None and mode not in LABEL_MODES:
+        raise ValueError(f"--labels: expected one of {list(LABEL_MODES)}, got {mode!r}")
     null = getattr(model, "null_label", None)
+    if mode is None:
+        mode = "cycle" if null is not None else "none"
+    if mode == "none":
+        return None
     if null is None:
-        raise ValueError("--labels: this model is not class-conditional")
+        raise ValueError(f"--labels {mode}: this model is not class-conditional (use --labels none)")
+    classes = int(null)
 
-    def draw(n, generator):
-        return {"label": torch.randint(0, int(null), (n,), generator=generator)}
+    def cycle(n, generator):
+        return {"label": torch.arange(n) % classes}
 
-    return draw
+    def random(n, generator):
+        return {"label": torch.randint(0, classes, (n,), generator=generator)}
+
+    return cycle if mode == "cycle" else random
 
 
 def _cmd_search(args) -> int:
     import torch
 
-    from . import save
-    from .loop import search
+    from .. import distributed
 
     if args.threads is not None:
         if args.threads < 1:
@@ -128,27 +154,47 @@ def _cmd_search(args) -> int:
     nfes = _parse_nfes(args.nfe)
     if len(nfes) > 1 and "{nfe}" not in args.out:
         raise ValueError("--out: with several NFEs the name must contain {nfe}, e.g. solver-nfe{nfe}.safetensors")
+    # under torchrun the training noise and its teacher are sharded over the processes and the
+    # gradients all-reduced (gloo: the search runs on the CPU); alone, ctx is a single process
+    with distributed.launched("gloo") as ctx:
+        return _search_all(args, nfes, ctx)
+
+
+def _search_all(args, nfes, ctx) -> int:
+    from . import save
+    from .loop import search
+
     model, exact_end, exact_name = resolve_model(args.model)
-    cond_fn = _label_sampler(model) if args.labels else None
+    cond_fn = label_sampler(model, args.labels)
     command = "fewstep " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "fewstep search"
+    if ctx.world > 1:
+        command = f"torchrun --nproc-per-node {ctx.world} -m {command}"
+    main = ctx.is_main
 
     def say(msg):
-        print(f"  {msg}", file=sys.stderr, flush=True)
+        if main:
+            print(f"  {msg}", file=sys.stderr, flush=True)
 
     for nfe in nfes:
         out = args.out.replace("{nfe}", str(nfe))
-        print(f"searching nfe={nfe} for {args.model} ...", file=sys.stderr, flush=True)
+        if main:
+            where = f" on {ctx.world} processes" if ctx.world > 1 else ""
+            print(f"searching nfe={nfe} for {args.model}{where} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         res = search(
             model, nfe, samples=args.samples, val_samples=args.val_samples, seed=args.seed,
             iterations=args.iterations, optimizer=args.optimizer, batch=args.batch, lr=args.lr,
-            mid_weight=args.mid_weight, offsets=not args.no_offsets, teacher_steps=args.teacher_steps,
+            mid_weight=args.mid_weight, offsets=not args.no_offsets, free_sums=args.free_sums, corrector=args.corrector, teacher_steps=args.teacher_steps,
             cond_fn=cond_fn, exact_end=exact_end, exact_name=exact_name, time_budget=args.time_budget,
-            cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet, log=say,
+            cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=main and not args.quiet, log=say,
+            ctx=ctx,
         )
         wall = time.perf_counter() - t0
+        if not main:
+            continue  # every rank holds the same result; rank 0 writes it
         path = save(out, res, model, model_name=args.model,
-                    extra={"command": command, "wall_seconds": wall, "labels": bool(args.labels)})
+                    extra={"command": command, "wall_seconds": wall, "processes": ctx.world,
+                           "labels": args.labels or ("cycle" if cond_fn else "none")})
         print(
             f"nfe={nfe}: RMSE to the teacher, train {res.train_rmse_init:.4g} -> {res.train_rmse:.4g}, "
             f"held-out {res.val_rmse_init:.4g} -> {res.val_rmse:.4g} "
@@ -156,4 +202,5 @@ def _cmd_search(args) -> int:
             f"{res.init}); "
             f"{res.iterations} iterations, {wall:.0f} s -> {path}"
         )
+    ctx.barrier()
     return 0

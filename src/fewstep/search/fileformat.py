@@ -2,7 +2,8 @@
 
 Tensors (float64):
 
-* ``time_logits`` ``(N,)``, ``corrections`` ``(N, N)`` and ``time_offsets`` ``(N,)``: the searched
+* ``time_logits`` ``(N,)``, ``corrections`` ``(N, N)``, ``time_offsets`` ``(N,)`` and ``gains``
+  ``(N,)`` (optional; zeros when absent), ``corrector`` ``(N, N)`` (optional): the searched
   parameters (what the solver is rebuilt from, through
   :func:`fewstep.search.parameterisation.step_table`);
 * ``times``, ``eval_times``, ``a``, ``weights``: the resulting grid, the times the network is told,
@@ -89,11 +90,15 @@ def save(path, params: SolverParameters, schedule: Schedule, *, prediction: str,
         "time_logits": p.time_logits.to(F64).contiguous(),
         "corrections": p.corrections.to(F64).contiguous(),
         "time_offsets": p.time_offsets.to(F64).contiguous(),
+        "gains": p.gains.to(F64).contiguous(),
         "times": table.times.contiguous(),
         "eval_times": table.eval_times.contiguous(),
         "a": table.a.contiguous(),
         "weights": table.weights.contiguous(),
     }
+    if p.corrector is not None:
+        tensors["corrector"] = p.corrector.to(F64).contiguous()
+        tensors["corrector_weights"] = table.corrector_weights.contiguous()
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
@@ -131,9 +136,11 @@ def load(path) -> SearchedFile:
     for key in ("time_logits", "corrections"):
         if key not in tensors:
             raise ValueError(f"path: {path!r} lacks the tensor {key!r}")
-    offsets = tensors.get("time_offsets")
+    offsets, gains, corrector = tensors.get("time_offsets"), tensors.get("gains"), tensors.get("corrector")
     params = SolverParameters(meta["view"], int(meta["base_order"]), tensors["time_logits"].to(F64),
-                              tensors["corrections"].to(F64), None if offsets is None else offsets.to(F64))
+                              tensors["corrections"].to(F64), None if offsets is None else offsets.to(F64),
+                              None if gains is None else gains.to(F64),
+                              None if corrector is None else corrector.to(F64))
     if params.nfe != int(meta["nfe"]):
         raise ValueError(f"path: {path!r} says nfe={meta['nfe']} but stores {params.nfe} time parameters")
     return SearchedFile(
@@ -143,7 +150,7 @@ def load(path) -> SearchedFile:
         model=meta.get("model", ""),
         search=json.loads(meta.get("search", "{}") or "{}"),
         path=path,
-        stored={k: tensors[k] for k in ("times", "eval_times", "a", "weights") if k in tensors},
+        stored={k: tensors[k] for k in ("times", "eval_times", "a", "weights", "corrector_weights") if k in tensors},
     )
 
 

@@ -17,6 +17,12 @@
    parameters by that number are returned, and the search stops after ``patience`` measurements
    without improvement.
 
+Data parallel (``ctx=``, a :class:`fewstep.distributed.Context`; ``torchrun ... -m fewstep search``):
+every rank draws the same noise, keeps the samples ``k`` with ``k mod world == rank`` (training and
+held-out alike) and computes the teacher for those only. Losses, gradients and error sums are
+all-reduced, each rank's share weighted by its sample count, so every rank sees the numbers one
+process would see for the whole set and takes the identical optimiser step.
+
 Example::
 
     >>> import torch
@@ -39,12 +45,14 @@ from typing import Callable, Mapping
 import torch
 
 from .. import grids as _grids
+from ..distributed import Context
 from ..model import Model
 from . import teacher as _teacher
 from .parameterisation import SolverParameters, _to_coord, _to_time, coordinate_range, default_view, step_table
 from .rollout import differentiable_view, rollout
 
-__all__ = ["search", "SearchResult", "evaluate_rmse", "search_noise", "NOISE_SEED_OFFSET", "candidates"]
+__all__ = ["search", "SearchResult", "evaluate_rmse", "training_loss", "search_noise", "shard", "NOISE_SEED_OFFSET",
+           "candidates"]
 
 F64 = torch.float64
 #: Search noise comes from ``torch.Generator().manual_seed(NOISE_SEED_OFFSET + seed)``; benchmarks
@@ -101,10 +109,28 @@ def _batch_cond(cond: Mapping | None, index, total: int) -> dict | None:
             for k, v in cond.items()}
 
 
+def shard(count: int, ctx: Context | None) -> torch.Tensor:
+    """The indices of ``count`` samples this rank keeps: ``k`` with ``k mod world == rank``."""
+    ctx = ctx or Context()
+    return torch.arange(ctx.rank, count, ctx.world)
+
+
+def _sum_over_ranks(values: list[float], ctx: Context | None) -> list[float]:
+    """Sums over the ranks (float64); the identity in a single process."""
+    if ctx is None or ctx.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=F64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
 @torch.no_grad()
 def evaluate_rmse(model: Model, params: SolverParameters, noise: torch.Tensor, target: torch.Tensor,
-                  cond: Mapping | None = None, chunk: int = 256) -> float:
-    """RMSE of the searched update's end point to ``target`` (over every sample and coordinate)."""
+                  cond: Mapping | None = None, chunk: int = 256, ctx: Context | None = None) -> float:
+    """RMSE of the searched update's end point to ``target`` (over every sample and coordinate).
+
+    With ``ctx`` (several ranks) each rank passes its own samples and gets the RMSE over all of them.
+    """
     table = step_table(params, model.schedule)
     total, count = 0.0, 0
     for lo in range(0, noise.shape[0], chunk):
@@ -113,7 +139,34 @@ def evaluate_rmse(model: Model, params: SolverParameters, noise: torch.Tensor, t
         diff = end.to(F64) - target[index].to(F64)
         total += float(diff.pow(2).sum())
         count += diff.numel()
-    return math.sqrt(total / count)
+    total, count = _sum_over_ranks([total, float(count)], ctx)
+    return math.sqrt(total / count) if count else math.nan
+
+
+def training_loss(model: Model, params: SolverParameters, noise: torch.Tensor, teacher: "_teacher.Trajectory", *,
+                  cond: Mapping | None = None, mid_weight: float = 1.0, chunk: int = 256,
+                  global_samples: int | None = None, ctx: Context | None = None) -> tuple[float, list[torch.Tensor]]:
+    """The search's loss at ``params`` over the training samples and its gradient (what one optimiser
+    step sees): ``(loss, grads)``, one gradient per tensor of ``params.tensors()`` (``time_logits``,
+    ``corrections``, ``time_offsets``, ``gains`` and the ``corrector`` if there is one).
+
+    With ``ctx`` each rank passes its own samples (``noise``, their ``teacher`` trajectories and
+    ``cond``) and ``global_samples``, the count over all ranks; every rank gets the loss and gradient
+    of the whole set.
+
+    Example::
+
+        traj = fewstep.search.teacher.solve(model, noise, 100)
+        loss, (g_times, g_weights, g_offsets, g_gains) = training_loss(model, params, noise, traj)
+    """
+    p = params.detached()
+    tensors = p.tensors()
+    for t in tensors:
+        t.requires_grad_(True)
+    fit = _Fit(model, model.schedule, noise.to(_state_dtype(model)), teacher, cond, mid_weight, chunk, True,
+               None, global_samples, ctx)
+    loss, _ = fit.full_loss(p, tensors)
+    return loss, [t.grad.detach().clone() for t in tensors]
 
 
 def _state_dtype(model: Model) -> torch.dtype:
@@ -177,6 +230,8 @@ def search(
     lr: float | None = None,
     mid_weight: float = 1.0,
     offsets: bool = True,
+    free_sums: bool = False,
+    corrector: bool = False,
     teacher_steps: int = 100,
     view: str | None = None,
     base: int | None = None,
@@ -192,6 +247,7 @@ def search(
     use_cache: bool = True,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    ctx: Context | None = None,
 ) -> SearchResult:
     """Search a solver for ``model`` at ``nfe`` network evaluations.
 
@@ -209,6 +265,10 @@ def search(
         mid_weight: weight of the intermediate-state loss (0 = end point only).
         offsets: also search the time the network is told at each node (see
             :mod:`~fewstep.search.parameterisation`); ``False`` is DS-Solver's search space.
+        free_sums: also search ``gains``, letting each row of weights sum to other than one
+            (DyWeight's unconstrained weights, Zhao et al. 2026).
+        corrector: also search a corrector (UniPC-style: each node's state is recomputed once its
+            prediction is known, at no extra evaluation), starting from "no correction".
         teacher_steps: the teacher's evaluations per sample (DPM-Solver++(3M) on a log-SNR grid).
         view: ``"x0"`` or ``"velocity"`` (default: by schedule, see
             :func:`~fewstep.search.parameterisation.default_view`).
@@ -223,6 +283,9 @@ def search(
         cache_dir, use_cache: where teacher trajectories are cached.
         progress: show tqdm bars (teacher, then the search with train/validation RMSE).
         log: called with one-line messages (start solver, teacher, stops).
+        ctx: a :class:`fewstep.distributed.Context` to search data-parallel (every rank calls
+            ``search`` with the same arguments; see the module docstring). Every rank returns the
+            same result.
     """
     if not isinstance(model, Model):
         raise TypeError(f"model: expected a fewstep.Model, got {type(model).__name__}")
@@ -241,6 +304,9 @@ def search(
         raise ValueError(f"lr: expected a positive number, got {lr!r}")
     if not (mid_weight >= 0):
         raise ValueError(f"mid_weight: expected a number >= 0, got {mid_weight!r}")
+    ctx = ctx or Context()
+    if samples < ctx.world or val_samples < ctx.world:
+        raise ValueError(f"samples, val_samples: need at least one per process ({ctx.world}), got {samples}, {val_samples}")
     sch = model.schedule
     view = view or default_view(sch)
     say = log or (lambda msg: None)
@@ -251,50 +317,61 @@ def search(
     total = samples + val_samples
     noise = search_noise(total, model.sample_shape, seed)
     cond = dict(cond_fn(total, torch.Generator().manual_seed(NOISE_SEED_OFFSET + 1 + int(seed)))) if cond_fn else None
+    # this rank's samples (all of them in one process): training first, then held-out
+    train_idx, val_idx = shard(samples, ctx), samples + shard(val_samples, ctx)
+    mine = torch.cat([train_idx, val_idx])
+    n_train = train_idx.numel()
+    local_cond = _batch_cond(cond, mine, total)
     t0 = time.perf_counter()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=teacher_steps * math.ceil(total / chunk), desc="teacher", unit="eval", leave=False)
-    traj, from_cache = _teacher.cached(model, noise, teacher_steps, cond=cond, exact_end=exact_end,
+        bar = tqdm(total=teacher_steps * math.ceil(mine.numel() / chunk), desc="teacher", unit="eval", leave=False)
+    traj, from_cache = _teacher.cached(model, noise[mine], teacher_steps, cond=local_cond, exact_end=exact_end,
                                        exact_name=exact_name, cache_dir=cache_dir, progress=bar,
                                        use_cache=use_cache, chunk=chunk)
     if bar is not None:
         bar.close()
     teacher_seconds = time.perf_counter() - t0
-    say(f"teacher: {total} trajectories, DPM-Solver++(3M) x {teacher_steps} evaluations "
+    where = f" ({mine.numel()} on each of {ctx.world} processes)" if ctx.world > 1 else ""
+    say(f"teacher: {total} trajectories{where}, DPM-Solver++(3M) x {teacher_steps} evaluations "
         f"({'from cache' if from_cache else f'{teacher_seconds:.1f} s'})")
     t_start = time.perf_counter()
-    train, val = slice(0, samples), slice(samples, total)
+    train, val = slice(0, n_train), slice(n_train, mine.numel())
     dtype = _state_dtype(model)
-    train_noise, val_noise = noise[train].to(dtype), noise[val].to(dtype)
+    local_noise = noise[mine].to(dtype)
+    train_noise, val_noise = local_noise[train], local_noise[val]
     train_traj = traj.subset(train)
-    train_cond, val_cond = _batch_cond(cond, train, total), _batch_cond(cond, val, total)
+    train_cond, val_cond = _batch_cond(local_cond, train, mine.numel()), _batch_cond(local_cond, val, mine.numel())
     val_end = traj.end[val]
 
     # ---- start from the best training-free solvers in the search space ---------------------------
-    probe = slice(0, min(samples, 64))
-    probe_cond = _batch_cond(train_cond, probe, samples)
+    # scored on the first (up to) 64 training samples of the whole set, wherever they live
+    probe_n = min(samples, 64)
+    probe = slice(0, int((train_idx < probe_n).sum()))
+    probe_cond = _batch_cond(train_cond, probe, n_train)
     options = candidates(sch, nfe, view)
+    if corrector:
+        options = [(n, p.with_corrector()) for n, p in options]
     if base is not None:
         options = [(n, p) for n, p in options if p.base_order == base] or options
     scored = []
     for name, p in options:
-        err = evaluate_rmse(model, p, train_noise[probe], train_traj.end[probe], probe_cond, chunk)
+        err = evaluate_rmse(model, p, train_noise[probe], train_traj.end[probe], probe_cond, chunk, ctx)
         if math.isfinite(err):
             scored.append((err, name, p))
     if not scored:
         raise RuntimeError("search: every starting solver diverged on this model")
     scored.sort(key=lambda s: s[0])
-    say(f"start: {scored[0][1]} (training RMSE {scored[0][0]:.4g} on {probe.stop} samples; "
+    say(f"start: {scored[0][1]} (training RMSE {scored[0][0]:.4g} on {probe_n} samples; "
         f"best of {len(scored)} training-free starts)")
     init_name, init = scored[0][1], scored[0][2]
-    train_rmse_init = evaluate_rmse(model, init, train_noise, train_traj.end, train_cond, chunk)
-    val_rmse_init = evaluate_rmse(model, init, val_noise, val_end, val_cond, chunk)
+    train_rmse_init = evaluate_rmse(model, init, train_noise, train_traj.end, train_cond, chunk, ctx)
+    val_rmse_init = evaluate_rmse(model, init, val_noise, val_end, val_cond, chunk, ctx)
 
     fit = _Fit(model, sch, train_noise, train_traj, train_cond, mid_weight, chunk, offsets,
-               lambda p: evaluate_rmse(model, p, val_noise, val_end, val_cond, chunk))
+               lambda p: evaluate_rmse(model, p, val_noise, val_end, val_cond, chunk, ctx), samples, ctx, free_sums)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -329,7 +406,7 @@ def search(
         continued_from=run.name,
         train_rmse_init=train_rmse_init,
         val_rmse_init=val_rmse_init,
-        train_rmse=evaluate_rmse(model, final, train_noise, train_traj.end, train_cond, chunk),
+        train_rmse=evaluate_rmse(model, final, train_noise, train_traj.end, train_cond, chunk, ctx),
         val_rmse=run.best[0],
         iterations=fit.evals,
         seconds=time.perf_counter() - t_start,
@@ -362,16 +439,21 @@ class _Run:
     running: float | None = None
     gen: torch.Generator | None = None
     sched: object = None
+    searched: list = field(default_factory=list)  # the tensors the optimiser moves
 
 
 class _Fit:
-    """The training data and loss, shared by every run of one search."""
+    """The training data and loss, shared by every run of one search (this rank's part of it)."""
 
-    def __init__(self, model, schedule, noise, traj, cond, mid_weight, chunk, offsets, validate):
+    def __init__(self, model, schedule, noise, traj, cond, mid_weight, chunk, offsets, validate,
+                 global_samples: int | None = None, ctx: Context | None = None, free_sums: bool = False):
         self.model, self.schedule = model, schedule
         self.noise, self.traj, self.cond = noise, traj, cond
-        self.samples = noise.shape[0]
+        self.samples = noise.shape[0]  # on this rank
+        self.global_samples = global_samples or self.samples  # on all ranks together
+        self.ctx = ctx or Context()
         self.mid_weight, self.chunk, self.offsets = mid_weight, chunk, offsets
+        self.free_sums = free_sums
         self.validate = validate
         self.evals = 0
         self.bar = None
@@ -390,10 +472,46 @@ class _Fit:
         (loss * weight).backward()
         return float(loss.detach()) * weight, float(loss_end.detach()) * weight
 
+    def full_loss(self, params: SolverParameters, searched: list[torch.Tensor]) -> tuple[float, float]:
+        """The loss over the whole training set (all ranks), its gradient summed into ``searched``.
+
+        Each chunk's mean is weighted by its share of the global training set, so the sum over
+        chunks and ranks is the global mean: the number and gradient one process would compute.
+        """
+        total_loss, total_end = 0.0, 0.0
+        for lo in range(0, self.samples, self.chunk):
+            index = torch.arange(lo, min(lo + self.chunk, self.samples))
+            l, e = self.loss(params, index, index.numel() / self.global_samples)
+            total_loss, total_end = total_loss + l, total_end + e
+        self._sync(searched)
+        total_loss, total_end = _sum_over_ranks([total_loss, total_end], self.ctx)
+        return total_loss, total_end
+
+    def _sync(self, searched: list[torch.Tensor]) -> None:
+        """All-reduce the gradients (a rank without samples in a mini-batch contributes zeros)."""
+        if self.ctx.world == 1:
+            return
+        from ..distributed import all_reduce_grads
+
+        for t in searched:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        all_reduce_grads(searched, 1.0, self.ctx)  # the weights are already in the loss
+
+    def time_up(self, deadline) -> bool:
+        """Whether the time budget is spent -- decided together, so that every rank stops at once."""
+        if deadline is None:
+            return False
+        late = float(time.perf_counter() > deadline)
+        return _sum_over_ranks([late], self.ctx)[0] > 0
+
     def new_run(self, start: SolverParameters, name: str, optimizer: str, lr, batch: int, seed: int,
                 iterations: int) -> _Run:
         params = start.detached()
-        searched = params.tensors() if self.offsets else params.tensors()[:2]
+        searched = [params.time_logits, params.corrections]
+        searched += [params.time_offsets] if self.offsets else []
+        searched += [params.gains] if self.free_sums else []
+        searched += [params.corrector] if params.corrector is not None else []
         for t in searched:
             t.requires_grad_(True)
         if optimizer == "lbfgs":
@@ -402,10 +520,11 @@ class _Fit:
         else:
             opt = torch.optim.Adam(searched, lr=lr or 2e-2)
         run = _Run(name, params, opt, (self.validate(params), params.detached(), 0))
+        run.searched = searched
         if optimizer == "adam":
             run.gen = torch.Generator().manual_seed(NOISE_SEED_OFFSET + 2 + int(seed))
-            run.order = torch.randperm(self.samples, generator=run.gen)
-            run.batch = batch
+            run.order = torch.randperm(self.global_samples, generator=run.gen)
+            run.batch = min(batch, self.global_samples)
             run.sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda k: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k, iterations) / max(iterations, 1))))
         return run
@@ -433,16 +552,11 @@ class _Fit:
             self.bar.update(1)
 
     def _advance_lbfgs(self, run, budget, eval_every, patience, deadline):
-        full = torch.arange(self.samples)
         last = {"train": math.nan}
 
         def closure():
             run.opt.zero_grad(set_to_none=True)
-            total_loss, total_end = 0.0, 0.0
-            for lo in range(0, self.samples, self.chunk):
-                index = full[lo: lo + self.chunk]
-                l, e = self.loss(run.params, index, index.numel() / self.samples)
-                total_loss, total_end = total_loss + l, total_end + e
+            total_loss, total_end = self.full_loss(run.params, run.searched)
             self._tick()
             last["train"] = math.sqrt(total_end)
             return torch.tensor(total_loss, dtype=F64)
@@ -464,17 +578,23 @@ class _Fit:
                 run.stop = f"converged after {self.evals} evaluations"
             elif run.stale >= patience:
                 run.stop = f"early stop after {self.evals} evaluations (validation flat for {patience} rounds)"
-            elif deadline is not None and time.perf_counter() > deadline:
+            elif self.time_up(deadline):
                 run.stop = f"time budget reached after {self.evals} evaluations"
 
     def _advance_adam(self, run, budget, eval_every, patience, deadline):
+        world, rank = self.ctx.world, self.ctx.rank
         for _ in range(budget):
-            if run.cursor + run.batch > self.samples:
-                run.order, run.cursor = torch.randperm(self.samples, generator=run.gen), 0
-            index = run.order[run.cursor: run.cursor + run.batch]
+            if run.cursor + run.batch > self.global_samples:
+                run.order, run.cursor = torch.randperm(self.global_samples, generator=run.gen), 0
+            index = run.order[run.cursor: run.cursor + run.batch]  # global training indices
             run.cursor += run.batch
+            local = index[index % world == rank] // world  # the ones this rank holds (see `shard`)
             run.opt.zero_grad(set_to_none=True)
-            _, e = self.loss(run.params, index, 1.0)
+            e = 0.0
+            if local.numel():
+                _, e = self.loss(run.params, local, local.numel() / index.numel())
+            self._sync(run.searched)
+            e = _sum_over_ranks([e], self.ctx)[0]
             run.opt.step()
             run.sched.step()
             run.step += 1
@@ -485,6 +605,6 @@ class _Fit:
                 if run.stale >= patience:
                     run.stop = f"early stop at iteration {run.step} (validation flat for {patience} rounds)"
                     return
-            if deadline is not None and time.perf_counter() > deadline:
+            if self.time_up(deadline):
                 run.stop = f"time budget reached at iteration {run.step}"
                 return

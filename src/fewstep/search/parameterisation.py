@@ -79,6 +79,8 @@ LOWER_ORDER_FINAL_BELOW = 15
 #: (a softmax cannot give zero); 1e-4 of the range moves the last node by a negligible amount.
 END_SLACK = 1e-4
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(8)
+#: How far a row of searched weights may sum from one when gains are searched (``free_sums``).
+GAIN_RANGE = 0.5
 
 
 def default_view(schedule: Schedule) -> str:
@@ -102,6 +104,14 @@ class SolverParameters:
     time_logits: torch.Tensor
     corrections: torch.Tensor
     time_offsets: torch.Tensor | None = None
+    #: ``(N,)``: row ``i`` of ``M`` sums to ``1 + GAIN_RANGE * tanh(gains[i])`` (zero: the paper's
+    #: sum-to-one rows; bounded, so no line search can make a step blow up)
+    gains: torch.Tensor | None = None
+    #: ``(N, N)`` or ``None``: a searched *corrector* (UniPC's idea, Zhao et al. 2023, with searched
+    #: weights). Once node ``i >= 1`` is evaluated, its state is recomputed from the previous one with
+    #: the new prediction included: row ``i`` of the corrector matrix is row ``i - 1`` of ``M`` plus
+    #: ``corrector[i, j]`` on ``D_j`` (``j < i``) and minus their sum on ``D_i`` -- zero: no correction.
+    corrector: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.view not in VIEWS:
@@ -117,6 +127,12 @@ class SolverParameters:
             self.time_offsets = torch.zeros(n, dtype=F64)
         if tuple(self.time_offsets.shape) != (n,):
             raise ValueError(f"time_offsets: expected shape ({n},), got {tuple(self.time_offsets.shape)}")
+        if self.gains is None:
+            self.gains = torch.zeros(n, dtype=F64)
+        if tuple(self.gains.shape) != (n,):
+            raise ValueError(f"gains: expected shape ({n},), got {tuple(self.gains.shape)}")
+        if self.corrector is not None and tuple(self.corrector.shape) != (n, n):
+            raise ValueError(f"corrector: expected shape ({n}, {n}), got {tuple(self.corrector.shape)}")
 
     @property
     def nfe(self) -> int:
@@ -129,10 +145,21 @@ class SolverParameters:
 
     def detached(self) -> "SolverParameters":
         return SolverParameters(self.view, self.base_order, self.time_logits.detach().clone(),
-                                self.corrections.detach().clone(), self.time_offsets.detach().clone())
+                                self.corrections.detach().clone(), self.time_offsets.detach().clone(),
+                                self.gains.detach().clone(),
+                                None if self.corrector is None else self.corrector.detach().clone())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.time_logits, self.corrections, self.time_offsets]
+        """``[time_logits, corrections, time_offsets, gains]`` and ``corrector`` when there is one."""
+        out = [self.time_logits, self.corrections, self.time_offsets, self.gains]
+        return out + ([self.corrector] if self.corrector is not None else [])
+
+    def with_corrector(self) -> "SolverParameters":
+        """A copy with a zero corrector (the same solver, with the corrector's weights to search)."""
+        p = self.detached()
+        if p.corrector is None:
+            p.corrector = torch.zeros(self.nfe, self.nfe, dtype=F64)
+        return p
 
     @classmethod
     def from_grid(cls, schedule: Schedule, times, *, base_order: int = 1, view: str | None = None) -> "SolverParameters":
@@ -162,6 +189,9 @@ class StepTable:
     a: torch.Tensor
     scale: torch.Tensor
     matrix: torch.Tensor
+    #: ``(N, N)`` or ``None``: row ``i >= 1`` recomputes the state at node ``i`` once ``D_i`` is known,
+    #: ``x_i = a[i - 1] x_{i-1} + sum_{j <= i} corrector_weights[i, j] D_j`` (row 0 is unused)
+    corrector_weights: torch.Tensor | None = None
 
     @property
     def weights(self) -> torch.Tensor:
@@ -330,12 +360,27 @@ def step_table(params: SolverParameters, schedule: Schedule) -> StepTable:
     view = params.view
     times, coords = grid_from_logits(schedule, view, params.time_logits)
     base = base_matrix(coords, _end_coord(view), params.base_order, view)
-    matrix = base + correction_matrix(params.corrections)
+    row_sums = 1.0 + GAIN_RANGE * torch.tanh(params.gains.to(F64))
+    matrix = (base + correction_matrix(params.corrections)) * row_sums[:, None]
     # the network may be asked at a time other than the state's (decoupled "model time", as LD3 and
     # GAS search); written as a difference so that zero offsets give exactly the grid times
     shift = _to_time(schedule, view, coords + params.time_offsets.to(F64)) - _to_time(schedule, view, coords)
     eval_times = (times + shift).clamp(schedule.t_min, schedule.t_max)
-    return _table(schedule, view, times, coords, eval_times, matrix)
+    table = _table(schedule, view, times, coords, eval_times, matrix)
+    if params.corrector is not None:
+        table.corrector_weights = _corrector_weights(table, params.corrector)
+    return table
+
+
+def _corrector_weights(table: StepTable, corrector: torch.Tensor) -> torch.Tensor:
+    """Row ``i >= 1``: the predictor row ``i - 1`` moved onto ``D_0..D_i`` by the searched corrections
+    (on ``D_j``, ``j < i``) with minus their sum on the new ``D_i``: every row keeps its sum."""
+    n = table.nfe
+    low = torch.tril(corrector.to(F64), diagonal=-1)
+    shifted = torch.cat([torch.zeros(1, n, dtype=F64), table.matrix[:-1]])  # row i: predictor row i - 1
+    moved = shifted + low - torch.diag(low.sum(1))
+    scale = torch.cat([torch.zeros(1, dtype=F64), table.scale[:-1]])
+    return scale[:, None] * moved
 
 
 def _end_coord(view: str) -> float:

@@ -73,15 +73,24 @@ def rollout(model: Model, noise: torch.Tensor, table: StepTable, cond=None) -> t
     dtype = x.dtype
     a = table.a.to(dtype)
     w = table.weights.to(dtype)
+    cw = table.corrector_weights.to(dtype) if table.corrector_weights is not None else None
     preds: list[torch.Tensor] = []
     states: list[torch.Tensor] = []
     n = table.nfe
+    x_prev = x
     for i in range(n):
+        # x is the state the network is evaluated at (the predictor's, for i >= 1)
         preds.append(differentiable_view(model, x, table.eval_times[i], table.view, cond))
+        if cw is not None and i > 0:
+            # the corrector: the state at node i again, from the one before, now with D_i
+            x = x_prev * a[i - 1]
+            for j in range(i + 1):
+                x = x + preds[j] * cw[i, j]
+            states[-1] = x
         new = x * a[i]
         for j in range(i + 1):
             new = new + preds[j] * w[i, j]
-        x = new
+        x_prev, x = x, new
         if i < n - 1:
             states.append(x)
     return x, states

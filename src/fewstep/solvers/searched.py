@@ -10,8 +10,8 @@ should be left unset (a named grid is ignored; a tensor that is not the searched
 It refuses a model whose schedule differs from the one it was searched on
 (:class:`fewstep.search.fileformat.ScheduleMismatch`).
 
-``path`` is a file, or the name of a solver bundled with fewstep (``fewstep.search.bundled()``
-lists them, e.g. ``"digits16-nfe6"``).
+``path`` is a file, or the name of a solver bundled with fewstep: ``fewstep.search.bundled_names()``
+lists them (e.g. ``"digits16-nfe6"``), ``fewstep.search.bundled(target, nfe)`` finds one.
 
 Example::
 
@@ -26,7 +26,7 @@ import torch
 from .. import grids as _grids
 from .base import MultistepPlan, Solver, Step, register
 
-__all__ = ["Searched", "resolve_path", "bundled_names"]
+__all__ = ["Searched", "resolve_path", "bundled_names", "bundled_file"]
 
 _BUNDLED_SUFFIX = ".safetensors"
 
@@ -46,6 +46,29 @@ def bundled_names() -> list[str]:
         return []
 
 
+def _aliases(name: str) -> list[str]:
+    """``name`` and its spellings through the zoo's model aliases (``digits16-l-nfe6`` -> ``digits16-nfe6``)."""
+    try:
+        from ..zoo import ALIASES
+    except ImportError:  # a build without the zoo
+        ALIASES = {}
+    out = [name]
+    for alias, real in ALIASES.items():
+        for a, b in ((real, alias), (alias, real)):
+            if name.startswith(a + "-nfe"):
+                out.append(b + name[len(a):])
+    return out
+
+
+def bundled_file(name: str) -> str | None:
+    """The shipped file for a bundled name such as ``digits16-nfe6`` (``None`` if there is none)."""
+    shipped = bundled_names()
+    for candidate in _aliases(name):
+        if candidate in shipped:
+            return os.fspath(_bundled_dir().joinpath(candidate + _BUNDLED_SUFFIX))
+    return None
+
+
 def resolve_path(path) -> str:
     """A file path for ``path``: an existing file, or a bundled solver name."""
     if not isinstance(path, (str, os.PathLike)):
@@ -54,8 +77,9 @@ def resolve_path(path) -> str:
     if os.path.isfile(p):
         return p
     name = p[: -len(_BUNDLED_SUFFIX)] if p.endswith(_BUNDLED_SUFFIX) else p
-    if name in bundled_names():
-        return os.fspath(_bundled_dir().joinpath(name + _BUNDLED_SUFFIX))
+    found = bundled_file(name)
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"path: {p!r} is neither a file nor a bundled searched solver; bundled: {bundled_names() or 'none'}"
     )
@@ -116,9 +140,15 @@ class Searched(Solver):
         w = table.weights.tolist()
         # history entry k is the k-th newest prediction: row i lists D_i, D_{i-1}, ..., D_0
         steps = [Step(a=a[i], d=tuple(w[i][j] for j in range(i, -1, -1))) for i in range(n)]
+        correctors = []
+        if table.corrector_weights is not None:
+            cw = table.corrector_weights.tolist()
+            # node i's state again from node i - 1's, with D_i included (see parameterisation)
+            correctors = [None] + [Step(a=a[i - 1], d=tuple(cw[i][j] for j in range(i, -1, -1))) for i in range(1, n)]
         # the network is asked at the searched evaluation times (the grid times plus the searched
         # offsets); the step coefficients use the grid times themselves
-        return MultistepPlan(view=table.view, nodes=schedule.nodes(table.eval_times), predictors=steps, history=n)
+        return MultistepPlan(view=table.view, nodes=schedule.nodes(table.eval_times), predictors=steps,
+                             correctors=correctors, history=n)
 
     def _check_grid(self, schedule, times, searched):
         times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
