@@ -138,7 +138,7 @@ def _cmd_sample(args) -> int:
     if out.suffix == ".png":
         nrow = 10 if (labels is not None and args.num >= 10) else None
         save_grid(x, out, nrow=nrow, scale=4 if model.sample_shape[-1] <= 16 else 2)
-    work = f"{info.calls} network calls in {info.computed} batches"
+    work = f"{info.calls} network calls in {info.computed} batch{'es' if info.computed != 1 else ''}"
     if ctx.world > 1:
         work += f" on {ctx.world} processes"
     if info.resumed:
