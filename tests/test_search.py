@@ -320,3 +320,85 @@ def test_shipped_zoo_solvers_run_on_the_bundled_model(target):
         x, info = fewstep.sample(model, noise, solver="searched", path=f"{target}-nfe{nfe}", nfe=nfe, return_info=True)
         assert info.nfe == nfe and x.shape == (4, *model.sample_shape) and bool(torch.isfinite(x).all())
         assert float(x.abs().max()) < 3.0  # clean data lives in [-1, 1]
+
+
+# ------------------------------------------------------------------------------ a searched start
+def test_searched_start_reproduces_the_truncated_default_start(tmp_path):
+    """A grid that starts below t_max becomes a searched start: the searched solver then begins from
+    sigma(t_0) * noise, exactly as fewstep.sample(..., start_logsnr=) does for a training-free solver,
+    and the file keeps the start (format version 2)."""
+    from safetensors import safe_open
+
+    sch = linear_vp()
+    from fewstep.sample import truncated_start
+
+    t_start = truncated_start(sch, -3.24)
+    grid = fewstep.grids.make("quadratic-open", sch, 6, t_start=t_start)
+    params = P.SolverParameters.from_grid(sch, grid, base_order=2)
+    assert params.start_logit is not None and params.num_free() == 6 + 15 + 1
+    table = P.step_table(params, sch)
+    assert torch.allclose(table.times, grid, rtol=1e-12, atol=1e-9)
+    assert float(table.start_sigma) == pytest.approx(float(sch.sigma(grid[0])), rel=1e-12)
+    path = _save(tmp_path, params, sch)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["version"] == "2" and "start_logit" in f.keys()
+    assert torch.equal(fileformat.load(path).params.start_logit, params.start_logit)
+    gm = testbeds.mixtures()["gmm16"]
+    model = gm.model(sch, prediction="eps")
+    noise = torch.randn(64, 16, dtype=F64, generator=torch.Generator().manual_seed(3))
+    got = fewstep.sample(model, noise, solver="searched", path=path, nfe=6)
+    want = fewstep.sample(model, noise, solver="dpm++", order=2, nfe=6, grid="quadratic-open", start_logsnr=-3.24)
+    assert float((got - want).abs().max()) < 1e-10
+    with torch.no_grad():
+        rolled, _ = R.rollout(R.differentiable_testbed(gm, sch), noise, table)
+    assert float((got - rolled).abs().max()) < 1e-12
+    # the start is searched: the loss has a gradient in it
+    traj = T.solve(gm.model(sch, prediction="eps"), noise[:16], 32)
+    _, grads = loop.training_loss(R.differentiable_testbed(gm, sch), params, noise[:16], traj)
+    assert len(grads) == 5 and float(grads[-1].abs()) > 0
+    # a start beyond the searched range is refused, naming the argument
+    too_low = fewstep.grids.make("quadratic", sch, 4, t_start=truncated_start(sch, 1.0))
+    with pytest.raises(ValueError, match="times: a searched grid starts at t_max=999 or within the first 0.5"):
+        P.SolverParameters.from_grid(sch, too_low)
+
+
+def test_search_can_start_below_t_max():
+    """With truncate=True (the default) the starting points include truncated grids; the search
+    result is no worse than without them on the same data."""
+    sch = linear_vp()
+    gm = testbeds.mixtures()["gmm16"]
+    labels = [name for name, p in loop.candidates(sch, 5, "x0", truncate=True) if p.start_logit is not None]
+    assert len(labels) == 2 * len(loop.INIT_GRIDS) * 3 * len(loop.INIT_SHARES)
+    assert all("from log-SNR" in name for name in labels)
+    model = R.differentiable_testbed(gm, sch)
+    kw = dict(nfe=4, samples=64, val_samples=32, iterations=20, teacher_steps=32, use_cache=False, starts=1)
+    with_start = loop.search(model, truncate=True, **kw)
+    without = loop.search(model, truncate=False, **kw)
+    assert with_start.val_rmse_init <= without.val_rmse_init
+
+
+def test_searched_start_in_a_diffusers_pipeline(tmp_path):
+    """Through FewstepScheduler a searched start scales the pipeline's latents by sigma(t_0)
+    (init_noise_sigma) and the pipeline loop returns what fewstep.sample returns."""
+    pytest.importorskip("diffusers")
+    from fewstep.integrations.diffusers import FewstepScheduler
+    from fewstep.sample import truncated_start
+
+    sch = linear_vp()
+    grid = fewstep.grids.make("logsnr-open", sch, 5, t_start=truncated_start(sch, -4.1))
+    params = random_params(sch, 5, seed=8)
+    params.start_logit = P.SolverParameters.from_grid(sch, grid).start_logit
+    path = _save(tmp_path, params, sch)
+    sched = FewstepScheduler(solver="searched", solver_options={"path": path})
+    gm = testbeds.mixtures()["gmm16"]
+    model = gm.model(sched.schedule, "epsilon")
+    noise = torch.randn(5, 16, dtype=F64, generator=torch.Generator().manual_seed(4))
+    sched.set_timesteps(5)
+    ours = sched.schedule  # diffusers' float32 betas: the same schedule to 1e-6 (its fingerprint)
+    assert sched.init_noise_sigma == pytest.approx(float(ours.sigma(P.step_table(params, ours).times[0])), rel=1e-12)
+    assert sched.init_noise_sigma < 1.0 - 1e-5  # not the initial_scale (1) of a start at t_max
+    x = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.step(model.net(x, t.expand(5).to(F64)), t, x).prev_sample
+    ref = fewstep.sample(model, noise, solver="searched", path=path, nfe=5)
+    assert float((x - ref).abs().max()) <= 1e-6

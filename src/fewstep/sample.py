@@ -349,6 +349,9 @@ def sample(
     elif truncate is not None:
         # the default's truncated schedule: pure noise at the lower start, sigma(t0) * noise
         x = noise.to(dtype) * float(model.schedule.sigma(torch.tensor(truncate, dtype=torch.float64)))
+    elif getattr(plan, "start_sigma", None) is not None:
+        # a solver that carries its own truncated start (a searched solver with a searched start)
+        x = noise.to(dtype) * plan.start_sigma
     else:
         x = noise.to(dtype) * model.schedule.initial_scale
     noise_source = None

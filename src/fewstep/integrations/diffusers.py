@@ -300,8 +300,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------------ diffusers surface
     @property
     def init_noise_sigma(self) -> float:
-        """Pipelines multiply their standard normal latents by this (1 for VP and flow models)."""
-        return float(self.schedule.initial_scale)
+        """Pipelines multiply their standard normal latents by this (1 for VP and flow models; the
+        searched start's ``sigma(t_0)`` for a searched solver that starts below ``t_max``)."""
+        start_sigma = getattr(getattr(self, "_plan", None), "start_sigma", None)
+        return float(self.schedule.initial_scale if start_sigma is None else start_sigma)
 
     @property
     def step_index(self) -> int | None:

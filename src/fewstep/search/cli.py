@@ -55,6 +55,9 @@ def register(subparsers) -> None:
                    help="also search a gain per step: weights need not sum to one (DyWeight)")
     p.add_argument("--corrector", action="store_true",
                    help="also search a corrector (UniPC-style, no extra evaluation)")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="keep the first node at t_max (by default the search may also start lower, from "
+                        "pure noise there, and searches where)")
     p.add_argument("--teacher-steps", type=int, default=100,
                    help="evaluations per sample of the teacher, DPM-Solver++(3M) on a log-SNR grid (default 100)")
     p.add_argument("--labels", choices=LABEL_MODES, default=None,
@@ -184,7 +187,7 @@ def _search_all(args, nfes, ctx) -> int:
         res = search(
             model, nfe, samples=args.samples, val_samples=args.val_samples, seed=args.seed,
             iterations=args.iterations, optimizer=args.optimizer, batch=args.batch, lr=args.lr,
-            mid_weight=args.mid_weight, offsets=not args.no_offsets, free_sums=args.free_sums, corrector=args.corrector, teacher_steps=args.teacher_steps,
+            mid_weight=args.mid_weight, offsets=not args.no_offsets, free_sums=args.free_sums, corrector=args.corrector, truncate=not args.no_truncate, teacher_steps=args.teacher_steps,
             cond_fn=cond_fn, exact_end=exact_end, exact_name=exact_name, time_budget=args.time_budget,
             cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=main and not args.quiet, log=say,
             ctx=ctx,

@@ -3,7 +3,8 @@
 Tensors (float64):
 
 * ``time_logits`` ``(N,)``, ``corrections`` ``(N, N)``, ``time_offsets`` ``(N,)`` and ``gains``
-  ``(N,)`` (optional; zeros when absent), ``corrector`` ``(N, N)`` (optional): the searched
+  ``(N,)`` (optional; zeros when absent), ``corrector`` ``(N, N)`` and ``start_logit`` ``(1,)``
+  (optional; a file with ``start_logit`` is format version 2, so older readers refuse it): the searched
   parameters (what the solver is rebuilt from, through
   :func:`fewstep.search.parameterisation.step_table`);
 * ``times``, ``eval_times``, ``a``, ``weights``: the resulting grid, the times the network is told,
@@ -43,7 +44,7 @@ from .parameterisation import SolverParameters, step_table
 __all__ = ["FORMAT", "VERSION", "SearchedFile", "save", "load", "check_schedule", "ScheduleMismatch"]
 
 FORMAT = "fewstep-searched-solver"
-VERSION = 1
+VERSION = 2
 F64 = torch.float64
 
 
@@ -99,9 +100,12 @@ def save(path, params: SolverParameters, schedule: Schedule, *, prediction: str,
     if p.corrector is not None:
         tensors["corrector"] = p.corrector.to(F64).contiguous()
         tensors["corrector_weights"] = table.corrector_weights.contiguous()
+    if p.start_logit is not None:
+        tensors["start_logit"] = p.start_logit.to(F64).contiguous()
     meta = {
         "format": FORMAT,
-        "version": str(VERSION),
+        # version 1 files (no searched start) stay readable by fewstep releases that know only those
+        "version": str(VERSION if p.start_logit is not None else 1),
         "nfe": str(p.nfe),
         "view": p.view,
         "base_order": str(p.base_order),
@@ -137,10 +141,12 @@ def load(path) -> SearchedFile:
         if key not in tensors:
             raise ValueError(f"path: {path!r} lacks the tensor {key!r}")
     offsets, gains, corrector = tensors.get("time_offsets"), tensors.get("gains"), tensors.get("corrector")
+    start = tensors.get("start_logit")
     params = SolverParameters(meta["view"], int(meta["base_order"]), tensors["time_logits"].to(F64),
                               tensors["corrections"].to(F64), None if offsets is None else offsets.to(F64),
                               None if gains is None else gains.to(F64),
-                              None if corrector is None else corrector.to(F64))
+                              None if corrector is None else corrector.to(F64),
+                              None if start is None else start.to(F64))
     if params.nfe != int(meta["nfe"]):
         raise ValueError(f"path: {path!r} says nfe={meta['nfe']} but stores {params.nfe} time parameters")
     return SearchedFile(

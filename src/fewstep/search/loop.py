@@ -5,9 +5,10 @@
 2. Teacher: :func:`fewstep.search.teacher.cached` -- DPM-Solver++(3M) at ``teacher_steps``
    evaluations, dense (Hermite interpolation), cached.
 3. Start: every training-free solver the search space contains (DDIM, DPM-Solver++ 2M/3M or
-   Adams–Bashforth 2/3, on the ``logsnr``, ``karras``, ``uniform`` and ``quadratic`` grids) is run on
-   part of the training set; the best one is the starting point, so the search starts no worse than
-   any of them.
+   Adams–Bashforth 2/3, on the ``logsnr``, ``karras``, ``uniform`` and ``quadratic`` grids, from
+   ``t_max`` and -- with ``truncate`` -- from the truncated starts :data:`INIT_STARTS`, whose start is
+   then searched too) is run on part of the training set; the best one is the starting point, so the
+   search starts no worse than any of them.
 4. Optimise (Adam, cosine learning rate, mini-batches): the loss is the end point's mean squared
    error to the teacher plus ``mid_weight`` times the mean squared error of the intermediate states
    to the teacher's states at the solver's own (moving) times -- DS-Solver's trajectory loss
@@ -63,6 +64,9 @@ INIT_GRIDS = ("logsnr", "karras", "uniform", "quadratic")
 #: last node off t_min): a softmax share near zero barely moves under gradient steps, so the search
 #: also starts from grids whose last node can still move.
 INIT_SHARES = (0.0, 0.03, 0.1)
+#: Truncated starts (log-SNR where sampling begins from pure noise) of the starting grids with a
+#: searched start: fewstep's default sampler starts at -3.24 or -4.1 below NFE 13 (``sample.py``).
+INIT_STARTS = (-3.24, -4.1)
 
 
 @dataclass
@@ -183,13 +187,21 @@ def _check_differentiable(model: Model, view: str) -> None:
     model.nfe, model.calls = nfe, calls
 
 
-def candidates(schedule, nfe: int, view: str) -> list[tuple[str, SolverParameters]]:
-    """The training-free solvers the search space contains at this NFE, as starting points."""
+def candidates(schedule, nfe: int, view: str, truncate: bool = False) -> list[tuple[str, SolverParameters]]:
+    """The training-free solvers the search space contains at this NFE, as starting points (with
+    ``truncate``, also from the truncated starts :data:`INIT_STARTS`, with the start searched)."""
+    from ..sample import truncated_start
+
     out = []
     names = {"x0": {1: "ddim", 2: "dpm++(2M)", 3: "dpm++(3M)"},
              "velocity": {1: "euler", 2: "adams-bashforth-2", 3: "adams-bashforth-3"}}[view]
-    for grid in INIT_GRIDS:
-        times = _grids.make(grid, schedule, nfe)
+    starts = [(None, None)]
+    if truncate:
+        starts += [(lam, truncated_start(schedule, lam)) for lam in INIT_STARTS]
+    for (lam, t_start), grid in ((s, g) for s in starts for g in INIT_GRIDS):
+        if lam is not None and t_start is None:
+            continue  # the schedule starts with more signal than this already
+        times = _grids.make(grid, schedule, nfe, t_start=t_start)
         for order in (1, 2, 3):
             if order > max(1, nfe - 1):
                 continue
@@ -200,6 +212,8 @@ def candidates(schedule, nfe: int, view: str) -> list[tuple[str, SolverParameter
                 except ValueError:
                     continue
                 label = f"{names[order]} on the {grid} grid"
+                if lam is not None:
+                    label += f" from log-SNR {lam:g}"
                 if share:
                     label += f" ending {share:g} of the {'log-SNR' if view == 'x0' else 'time'} range early"
                 out.append((label, p))
@@ -207,13 +221,15 @@ def candidates(schedule, nfe: int, view: str) -> list[tuple[str, SolverParameter
 
 
 def _compressed(schedule, view: str, times: torch.Tensor, share: float) -> torch.Tensor:
-    """The grid squeezed towards ``t_max`` in the searched coordinate, ending ``share`` of it early."""
+    """The grid squeezed towards its start in the searched coordinate, ending ``share`` of it early."""
     if share == 0:
         return times
     c0, c1 = coordinate_range(schedule, view)
     coords = _to_coord(schedule, view, times)
+    if float(times[0]) < float(schedule.t_max):
+        c0 = float(coords[0])  # a truncated grid: squeeze towards its own start
     out = _to_time(schedule, view, c0 + (coords - c0) * (1.0 - share))
-    out[0] = schedule.t_max
+    out[0] = times[0]
     return out
 
 
@@ -232,6 +248,7 @@ def search(
     offsets: bool = True,
     free_sums: bool = False,
     corrector: bool = False,
+    truncate: bool = True,
     teacher_steps: int = 100,
     view: str | None = None,
     base: int | None = None,
@@ -269,6 +286,9 @@ def search(
             (DyWeight's unconstrained weights, Zhao et al. 2026).
         corrector: also search a corrector (UniPC-style: each node's state is recomputed once its
             prediction is known, at no extra evaluation), starting from "no correction".
+        truncate: also start from truncated grids (sampling begins from pure noise below ``t_max``,
+            see :mod:`~fewstep.search.parameterisation`) and search where the solver starts;
+            ``False`` keeps node 0 at ``t_max``.
         teacher_steps: the teacher's evaluations per sample (DPM-Solver++(3M) on a log-SNR grid).
         view: ``"x0"`` or ``"velocity"`` (default: by schedule, see
             :func:`~fewstep.search.parameterisation.default_view`).
@@ -351,7 +371,7 @@ def search(
     probe_n = min(samples, 64)
     probe = slice(0, int((train_idx < probe_n).sum()))
     probe_cond = _batch_cond(train_cond, probe, n_train)
-    options = candidates(sch, nfe, view)
+    options = candidates(sch, nfe, view, truncate=truncate)
     if corrector:
         options = [(n, p.with_corrector()) for n, p in options]
     if base is not None:
@@ -383,7 +403,7 @@ def search(
     # different optima), then the best by validation error is optimised to the end
     runs = []
     trial_budget = min(iterations // (2 * max(starts, 1)), 3 * eval_every) if starts > 1 else 0
-    for _, name, p in scored[: starts if trial_budget > 0 else 1]:
+    for _, name, p in _trial_starts(scored, starts if trial_budget > 0 else 1):
         run = fit.new_run(p, name, optimizer, lr, batch, seed, iterations)
         if trial_budget > 0:
             fit.advance(run, trial_budget, eval_every, patience, deadline)
@@ -419,6 +439,20 @@ def search(
         teacher_steps=teacher_steps,
         history=history,
     )
+
+
+def _trial_starts(scored: list, count: int) -> list:
+    """The ``count`` best starts, with the best of each kind (from ``t_max`` / truncated) among them
+    when ``count > 1``: the probe error of a start says little about where its optimisation ends, and
+    the two kinds lead to different optima (on gmm16 at NFE 6 the best truncated starts alone end
+    worse than the best start from ``t_max``)."""
+    chosen = list(scored[:count])
+    if count > 1:
+        for truncated in (False, True):
+            kind = [s for s in scored if (s[2].start_logit is not None) == truncated]
+            if kind and not any(s is kind[0] for s in chosen):
+                chosen[-1] = kind[0]
+    return chosen
 
 
 @dataclass
@@ -512,6 +546,7 @@ class _Fit:
         searched += [params.time_offsets] if self.offsets else []
         searched += [params.gains] if self.free_sums else []
         searched += [params.corrector] if params.corrector is not None else []
+        searched += [params.start_logit] if params.start_logit is not None else []
         for t in searched:
             t.requires_grad_(True)
         if optimizer == "lbfgs":

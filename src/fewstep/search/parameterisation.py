@@ -23,6 +23,13 @@ The parameters are
   unused after the last node. Every grid is strictly decreasing and inside the schedule's range, for
   any real logits, so the optimiser needs no constraints (DS-Solver Alg. 1 uses the same softmax; the
   released code forgets to use it inside the integration -- see docs/algorithms/solver-search.md).
+* ``start_logit`` (optional, one number): a searched *truncated start*. Without it node 0 is at
+  ``t_max`` and the state there is ``initial_scale * noise``; with it the solver starts lower, at the
+  coordinate ``c0 + START_RANGE * sigmoid(start_logit) * (c1 - c0)``, from ``sigma(t_0) * noise`` (pure
+  noise at a time that is not pure noise, as diffusers' "leading" spacing and fewstep's default at few
+  steps do), and the softmax shares above divide the rest of the range. The evaluation the top of the
+  schedule would cost goes to the part of the flow that matters; the search weighs that against the
+  ``alpha(t_0) E[x0]`` it neglects.
 * ``corrections`` (strictly lower triangle of an ``N x N`` matrix): additive changes to the weights of
   past predictions; each row's diagonal absorbs minus their sum, so every row of ``M`` sums to one
   *exactly* (a constant prediction is integrated exactly, as the paper's constraint requires).
@@ -81,6 +88,8 @@ END_SLACK = 1e-4
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(8)
 #: How far a row of searched weights may sum from one when gains are searched (``free_sums``).
 GAIN_RANGE = 0.5
+#: A searched start lies in the first ``START_RANGE`` of the searched coordinate's range.
+START_RANGE = 0.5
 
 
 def default_view(schedule: Schedule) -> str:
@@ -112,6 +121,8 @@ class SolverParameters:
     #: the new prediction included: row ``i`` of the corrector matrix is row ``i - 1`` of ``M`` plus
     #: ``corrector[i, j]`` on ``D_j`` (``j < i``) and minus their sum on ``D_i`` -- zero: no correction.
     corrector: torch.Tensor | None = None
+    #: ``(1,)`` or ``None``: the searched truncated start (see the module docstring; ``None``: ``t_max``)
+    start_logit: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.view not in VIEWS:
@@ -133,26 +144,32 @@ class SolverParameters:
             raise ValueError(f"gains: expected shape ({n},), got {tuple(self.gains.shape)}")
         if self.corrector is not None and tuple(self.corrector.shape) != (n, n):
             raise ValueError(f"corrector: expected shape ({n}, {n}), got {tuple(self.corrector.shape)}")
+        if self.start_logit is not None and tuple(self.start_logit.shape) != (1,):
+            raise ValueError(f"start_logit: expected shape (1,), got {tuple(self.start_logit.shape)}")
 
     @property
     def nfe(self) -> int:
         return self.time_logits.numel()
 
     def num_free(self) -> int:
-        """Number of searched numbers: ``N`` logits (one is redundant: softmax) + ``N(N-1)/2`` weights."""
+        """Number of searched numbers: ``N`` logits (one is redundant: softmax) + ``N(N-1)/2`` weights
+        (+ 1 for a searched start)."""
         n = self.nfe
-        return n + n * (n - 1) // 2
+        return n + n * (n - 1) // 2 + (self.start_logit is not None)
 
     def detached(self) -> "SolverParameters":
         return SolverParameters(self.view, self.base_order, self.time_logits.detach().clone(),
                                 self.corrections.detach().clone(), self.time_offsets.detach().clone(),
                                 self.gains.detach().clone(),
-                                None if self.corrector is None else self.corrector.detach().clone())
+                                None if self.corrector is None else self.corrector.detach().clone(),
+                                None if self.start_logit is None else self.start_logit.detach().clone())
 
     def tensors(self) -> list[torch.Tensor]:
-        """``[time_logits, corrections, time_offsets, gains]`` and ``corrector`` when there is one."""
+        """``[time_logits, corrections, time_offsets, gains]``, then ``corrector`` and ``start_logit``
+        when there are."""
         out = [self.time_logits, self.corrections, self.time_offsets, self.gains]
-        return out + ([self.corrector] if self.corrector is not None else [])
+        out += [self.corrector] if self.corrector is not None else []
+        return out + ([self.start_logit] if self.start_logit is not None else [])
 
     def with_corrector(self) -> "SolverParameters":
         """A copy with a zero corrector (the same solver, with the corrector's weights to search)."""
@@ -163,15 +180,17 @@ class SolverParameters:
 
     @classmethod
     def from_grid(cls, schedule: Schedule, times, *, base_order: int = 1, view: str | None = None) -> "SolverParameters":
-        """Parameters reproducing a training-free solver: the grid ``times`` (decreasing, first = ``t_max``),
-        DPM-Solver++ / Adams–Bashforth of ``base_order``, zero corrections.
+        """Parameters reproducing a training-free solver: the grid ``times`` (decreasing), DPM-Solver++ /
+        Adams–Bashforth of ``base_order``, zero corrections. A grid starting at ``t_max`` gives no
+        searched start; one starting lower (inside the first :data:`START_RANGE` of the range) gives a
+        searched start there, from ``sigma(times[0]) * noise``.
 
         A last node at ``t_min`` moves up by :data:`END_SLACK` of its interval (a softmax share cannot
         be zero); every other node is reproduced to rounding."""
         view = view or default_view(schedule)
-        logits = logits_from_grid(schedule, times, view)
+        logits, start = logits_from_grid(schedule, times, view)
         n = logits.numel()
-        return cls(view, base_order, logits, torch.zeros(n, n, dtype=F64))
+        return cls(view, base_order, logits, torch.zeros(n, n, dtype=F64), start_logit=start)
 
 
 @dataclass
@@ -189,6 +208,9 @@ class StepTable:
     a: torch.Tensor
     scale: torch.Tensor
     matrix: torch.Tensor
+    #: ``sigma(times[0])`` as a 0-d tensor when the solver starts below ``t_max`` (a searched start):
+    #: the first state is ``start_sigma * noise``; ``None``: ``initial_scale * noise``
+    start_sigma: torch.Tensor | None = None
     #: ``(N, N)`` or ``None``: row ``i >= 1`` recomputes the state at node ``i`` once ``D_i`` is known,
     #: ``x_i = a[i - 1] x_{i-1} + sum_{j <= i} corrector_weights[i, j] D_j`` (row 0 is unused)
     corrector_weights: torch.Tensor | None = None
@@ -227,25 +249,48 @@ def _to_coord(schedule: Schedule, view: str, times: torch.Tensor) -> torch.Tenso
     return schedule.lambda_(times)
 
 
-def grid_from_logits(schedule: Schedule, view: str, time_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(times, coords)`` of the ``N`` nodes, differentiable in ``time_logits``."""
+def start_coordinate(schedule: Schedule, view: str, start_logit: torch.Tensor | None):
+    """The searched coordinate where the solver starts: ``c0``, or inside the first :data:`START_RANGE`."""
     c0, c1 = coordinate_range(schedule, view)
+    if start_logit is None:
+        return c0
+    return c0 + START_RANGE * torch.sigmoid(start_logit.to(F64).reshape(())) * (c1 - c0)
+
+
+def grid_from_logits(schedule: Schedule, view: str, time_logits: torch.Tensor,
+                     start_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(times, coords)`` of the ``N`` nodes, differentiable in ``time_logits`` (and ``start_logit``)."""
+    _, c1 = coordinate_range(schedule, view)
+    cs = start_coordinate(schedule, view, start_logit)
     p = torch.softmax(time_logits.to(F64), dim=0)
     u = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(p, 0)[:-1]])
-    coords = c0 + u * (c1 - c0)
-    t = _to_time(schedule, view, coords[1:]).clamp(schedule.t_min, schedule.t_max)
-    times = torch.cat([torch.full((1,), float(schedule.t_max), dtype=F64), t])
+    coords = cs + u * (c1 - cs)
+    if start_logit is None:
+        # node 0 is t_max itself (on a pure-noise schedule its log-SNR is -inf, not c0)
+        t = _to_time(schedule, view, coords[1:]).clamp(schedule.t_min, schedule.t_max)
+        times = torch.cat([torch.full((1,), float(schedule.t_max), dtype=F64), t])
+    else:
+        times = _to_time(schedule, view, coords).clamp(schedule.t_min, schedule.t_max)
     return times, coords
 
 
-def logits_from_grid(schedule: Schedule, times, view: str) -> torch.Tensor:
-    """Inverse of :func:`grid_from_logits`: logits placing the nodes at ``times`` (see ``from_grid``)."""
+def logits_from_grid(schedule: Schedule, times, view: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse of :func:`grid_from_logits`: ``(time_logits, start_logit)`` placing the nodes at
+    ``times`` (``start_logit`` is ``None`` for a grid starting at ``t_max``; see ``from_grid``)."""
     t = as_f64(times).detach().reshape(-1)
-    if t.numel() < 1 or abs(float(t[0]) - schedule.t_max) > 1e-9 * max(1.0, abs(schedule.t_max)):
-        raise ValueError(f"times: a searched grid starts at t_max={schedule.t_max:g}, got {t.tolist()[:3]}...")
+    if t.numel() < 1:
+        raise ValueError("times: expected at least one time")
     if t.numel() > 1 and not bool((t[1:] < t[:-1]).all()):
         raise ValueError("times: must be strictly decreasing")
     c0, c1 = coordinate_range(schedule, view)
+    start = None
+    if abs(float(t[0]) - schedule.t_max) > 1e-9 * max(1.0, abs(schedule.t_max)):
+        share = (float(_to_coord(schedule, view, t[:1])) - c0) / (c1 - c0) / START_RANGE
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"times: a searched grid starts at t_max={schedule.t_max:g} or within the first "
+                             f"{START_RANGE:g} of the range below it, got {t.tolist()[:3]}...")
+        start = torch.tensor([math.log(share / (1.0 - share))], dtype=F64)
+        c0 = float(start_coordinate(schedule, view, start))
     u = ((_to_coord(schedule, view, t) - c0) / (c1 - c0)).clamp(0.0, 1.0)
     u[0] = 0.0
     n = u.numel()
@@ -257,7 +302,7 @@ def logits_from_grid(schedule: Schedule, times, view: str) -> torch.Tensor:
     p = torch.diff(torch.cat([u, torch.ones(1, dtype=F64)]))
     # a node at exactly the start of a pure-noise log-SNR axis gives p = 0: keep it representable
     p = p.clamp_min(1e-12)
-    return torch.log(p / p.sum())
+    return torch.log(p / p.sum()), start
 
 
 # ------------------------------------------------------------------------------------ base weights
@@ -358,7 +403,7 @@ def step_table(params: SolverParameters, schedule: Schedule) -> StepTable:
     docstring for the update it defines.
     """
     view = params.view
-    times, coords = grid_from_logits(schedule, view, params.time_logits)
+    times, coords = grid_from_logits(schedule, view, params.time_logits, params.start_logit)
     base = base_matrix(coords, _end_coord(view), params.base_order, view)
     row_sums = 1.0 + GAIN_RANGE * torch.tanh(params.gains.to(F64))
     matrix = (base + correction_matrix(params.corrections)) * row_sums[:, None]
@@ -367,6 +412,8 @@ def step_table(params: SolverParameters, schedule: Schedule) -> StepTable:
     shift = _to_time(schedule, view, coords + params.time_offsets.to(F64)) - _to_time(schedule, view, coords)
     eval_times = (times + shift).clamp(schedule.t_min, schedule.t_max)
     table = _table(schedule, view, times, coords, eval_times, matrix)
+    if params.start_logit is not None:
+        table.start_sigma = schedule.sigma(times[0])
     if params.corrector is not None:
         table.corrector_weights = _corrector_weights(table, params.corrector)
     return table

@@ -69,7 +69,8 @@ def rollout(model: Model, noise: torch.Tensor, table: StepTable, cond=None) -> t
     sample. Everything is differentiable in the table's tensors.
     """
     sch = model.schedule
-    x = noise * sch.initial_scale
+    # a searched start below t_max begins from sigma(t_0) * noise (differentiable in the start)
+    x = noise * (sch.initial_scale if table.start_sigma is None else table.start_sigma.to(noise.dtype))
     dtype = x.dtype
     a = table.a.to(dtype)
     w = table.weights.to(dtype)

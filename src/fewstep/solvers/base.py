@@ -131,6 +131,7 @@ class MultistepPlan:
     * ``reevaluate[i]``: evaluate again at the corrected state and replace the newest prediction
       (PECE mode, e.g. Heun).
     * ``free_first``: the first prediction is the initial noise itself (forward-value samplers).
+    * ``start_sigma``: see the field.
     """
 
     view: str
@@ -141,6 +142,9 @@ class MultistepPlan:
     history: int = 1
     free_first: bool = False
     initial_scale: float = 1.0
+    #: a plan whose first node lies below ``t_max`` and starts there from pure noise (a searched
+    #: solver with a searched start): the first state is ``start_sigma * noise`` (``None``: as usual)
+    start_sigma: float | None = None
 
     @property
     def nfe(self) -> int:

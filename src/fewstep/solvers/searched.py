@@ -147,8 +147,9 @@ class Searched(Solver):
             correctors = [None] + [Step(a=a[i - 1], d=tuple(cw[i][j] for j in range(i, -1, -1))) for i in range(1, n)]
         # the network is asked at the searched evaluation times (the grid times plus the searched
         # offsets); the step coefficients use the grid times themselves
+        start_sigma = None if table.start_sigma is None else float(table.start_sigma)
         return MultistepPlan(view=table.view, nodes=schedule.nodes(table.eval_times), predictors=steps,
-                             correctors=correctors, history=n)
+                             correctors=correctors, history=n, start_sigma=start_sigma)
 
     def _check_grid(self, schedule, times, searched):
         times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
