@@ -145,6 +145,8 @@ class MultistepPlan:
     #: a plan whose first node lies below ``t_max`` and starts there from pure noise (a searched
     #: solver with a searched start): the first state is ``start_sigma * noise`` (``None``: as usual)
     start_sigma: float | None = None
+    #: see :meth:`fused`; computed once per plan (plans are cached and reused between calls)
+    _fused: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def nfe(self) -> int:
@@ -153,6 +155,52 @@ class MultistepPlan:
 
     def times(self) -> list[float]:
         return [n.t for n in self.nodes]
+
+    def fused(self) -> tuple[list[Step], int] | None:
+        """Each corrector folded into the next predictor: ``(steps, history)``, or ``None`` where
+        that does not apply (stochastic, re-evaluating or ``free_first`` plans).
+
+        A corrector replaces the state at node ``i`` by ``x_i = c.a x_{i-1} + c.at xt_i + sum c.d H``,
+        and predictor ``i - 1`` made ``xt_i = p'.a x_{i-1} + sum p'.d H'`` (``H'_k = H_{k+1}``, the
+        history before ``D_i``). Solving the second for ``x_{i-1}`` writes ``x_i`` -- and then the
+        predicted ``xt_{i+1}`` -- as ONE linear combination of ``xt_i`` and the history: a
+        predictor-corrector (UniPC) then costs one combination per step instead of two, with the
+        same numbers (float64 coefficients; the state ``x_i`` itself is never needed, as the drivers
+        only see ``xt``). Computed once and kept on the plan.
+        """
+        if self._fused is None:
+            self._fused = (self._fuse(),)
+        return self._fused[0]
+
+    def _fuse(self):
+        n = len(self.nodes)
+        correctors = self.correctors or [None] * n
+        if (self.free_first or any(self.reevaluate) or not any(c is not None for c in correctors[1:])
+                or any(s.noise != 0.0 for s in self.predictors)
+                or any(c is not None and (c.noise != 0.0) for c in correctors)):
+            return None
+        steps, history = [], max(1, self.history)
+        for i, pred in enumerate(self.predictors):
+            corr = correctors[i] if i > 0 else None
+            if corr is None:
+                steps.append(pred)
+                continue
+            before = self.predictors[i - 1]
+            if before.a == 0.0:
+                return None
+            r = corr.a / before.a
+            width = max(len(corr.d), len(before.d) + 1, len(pred.d))
+            e = [0.0] * width  # x_i = (r + c.at) xt_i + sum_k e[k] H_k
+            for k, c in enumerate(corr.d):
+                e[k] += c
+            for k, c in enumerate(before.d):
+                e[k + 1] -= r * c
+            d = [pred.a * v for v in e]
+            for k, c in enumerate(pred.d):
+                d[k] += c
+            steps.append(Step(a=pred.a * (r + corr.at), d=tuple(d)))
+            history = max(history, width)
+        return steps, history
 
 
 def _as_scaled(answer) -> tuple[torch.Tensor, float]:
@@ -168,6 +216,9 @@ def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], t
     scales: list[float] = []
     keep = max(1, plan.history)
     n = len(plan.nodes)
+    fused = plan.fused()
+    if fused is not None:
+        return (yield from _run_fused(plan, fused, x))
     correctors = plan.correctors or [None] * n
     reevaluate = plan.reevaluate or [False] * n
     x_tilde = x  # state at which node i is evaluated
@@ -197,6 +248,25 @@ def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], t
         x_prev, z_prev = x, z
         yield StepDone(i, plan.nodes[i + 1].t if i + 1 < n else 0.0, x_tilde)
     return x_tilde
+
+
+def _run_fused(plan: MultistepPlan, fused: tuple[list[Step], int], x: torch.Tensor) -> SolverRun:
+    """:func:`run_multistep` for a deterministic predictor-corrector plan whose correctors are folded
+    into the predictors (:meth:`MultistepPlan.fused`): one linear combination per step."""
+    steps, keep = fused
+    history: list[torch.Tensor] = []
+    scales: list[float] = []
+    nodes = plan.nodes
+    n = len(nodes)
+    for i in range(n):
+        (answer,) = yield Evaluate((x,), (nodes[i],), i, scaled=True)
+        d, s = _as_scaled(answer)
+        history.insert(0, d)
+        scales.insert(0, s)
+        del history[keep:], scales[keep:]
+        x = lincomb(steps[i].terms(x, None, history, None, scales))
+        yield StepDone(i, nodes[i + 1].t if i + 1 < n else 0.0, x)
+    return x
 
 
 # ------------------------------------------------------------------------------------------ solvers
