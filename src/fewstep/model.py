@@ -157,6 +157,7 @@ class Model:
         self.nfe = 0
         self.calls = 0
         self._times: dict = {}
+        self._coefficients: dict = {}  # (node, view, prediction) -> (cx, co): nodes recur call after call
 
     # ------------------------------------------------------------------ construction helpers
     def with_cond(self, **cond) -> "Model":
@@ -214,7 +215,19 @@ class Model:
         """
         cond = self.cond if cond is None else {**self.cond, **cond}
         k = len(xs)
-        x = xs[0] if k == 1 else torch.cat(list(xs), dim=0)
+        if k == 1:  # one state, one time: the common case, kept short (it runs once per step)
+            x, node = xs[0], nodes[0]
+            mt = self._time_tensor((node.model_time,), (x.shape[0],), x)
+            x_in = x if (self.dtype is None or x.dtype == self.dtype) else x.to(self.dtype)
+            out = self.raw(x_in, mt, cond)
+            self.calls += 1
+            self.nfe += 1
+            out = self._check_output(out, x_in)
+            if out.dtype != x.dtype:
+                out = out.to(x.dtype)
+            cx, co = self._view_coefficients_at(node, view)
+            return [combine_view(x, out, cx, co, scaled)]
+        x = torch.cat(list(xs), dim=0)
         counts = [xi.shape[0] for xi in xs] if k > 1 else [x.shape[0]]
         mt = self._time_tensor([n.model_time for n in nodes], counts, x)
         if k > 1 and cond:
@@ -227,8 +240,6 @@ class Model:
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         to_view = self._to_scaled_view if scaled else self._to_view
-        if k == 1:
-            return [to_view(x, out, nodes[0], view)]
         return [to_view(xi, oi, n, view) for xi, oi, n in zip(xs, out.split(counts, dim=0), nodes)]
 
     def _check_output(self, out, x_in: torch.Tensor) -> torch.Tensor:
@@ -250,12 +261,22 @@ class Model:
             raise NetworkOutputError(f"network returned dtype {out.dtype}, expected a floating dtype")
         return out
 
+    def _view_coefficients_at(self, node: Node, view: str) -> tuple[float, float]:
+        """:func:`view_coefficients`, remembered per (node, view): a plan's nodes recur every call."""
+        key = (node, view, self.prediction)
+        found = self._coefficients.get(key)
+        if found is None:
+            if len(self._coefficients) >= 4096:
+                self._coefficients.clear()
+            found = self._coefficients[key] = view_coefficients(self.prediction, view, node)
+        return found
+
     def _to_scaled_view(self, x: torch.Tensor, out: torch.Tensor, node: Node, view: str) -> tuple[torch.Tensor, float]:
-        cx, co = view_coefficients(self.prediction, view, node)
+        cx, co = self._view_coefficients_at(node, view)
         return combine_view(x, out, cx, co, scaled=True)
 
     def _to_view(self, x: torch.Tensor, out: torch.Tensor, node: Node, view: str) -> torch.Tensor:
-        cx, co = view_coefficients(self.prediction, view, node)
+        cx, co = self._view_coefficients_at(node, view)
         return combine_view(x, out, cx, co)
 
     # ------------------------------------------------------------------ public views
