@@ -72,14 +72,27 @@ def test_fused_unipc_equals_predictor_then_corrector(variant, order, grid):
         assert terms_per_step(plan, True) < terms_per_step(plan, False) - 2
 
 
-@pytest.mark.parametrize("name,options", [("sa", {"order": 2}), ("heun", {}), ("fv", {"order": 2}),
-                                          ("dpm++", {"order": 2}), ("ddim", {})])
-def test_plans_that_cannot_or_need_not_fuse_keep_their_path(name, options):
-    """Stochastic (SA-Solver), re-evaluating (Heun) and free-first (forward value) plans, and plans
-    without a corrector, are not fused."""
+@pytest.mark.parametrize("name,options", [("sa", {"order": 2}), ("heun", {}), ("fv", {"order": 2})])
+def test_plans_that_cannot_fuse_keep_their_path(name, options):
+    """Stochastic (SA-Solver), re-evaluating (Heun) and free-first (forward value) plans are not fused."""
     sch = linear_vp()
     plan = fewstep.solvers.get(name, **options).prepare(sch, grids.make("logsnr", sch, 8))
     assert plan.fused() is None
+
+
+@pytest.mark.parametrize("name,options", [("dpm++", {"order": 3}), ("ddim", {}), ("deis", {"order": 3}),
+                                          ("ipndm", {"order": 4})])
+def test_plans_without_corrector_run_their_predictors_through_the_short_loop(name, options):
+    """A plan without correctors 'fuses' to its own predictors, and the short loop gives exactly the
+    bits of the general loop (the same tensor operations in the same order)."""
+    sch = linear_vp()
+    plan = fewstep.solvers.get(name, **options).prepare(sch, grids.make("logsnr", sch, 8))
+    steps, _ = plan.fused()
+    assert steps == plan.predictors
+    gm = testbeds.mixtures()["gmm16"]
+    model = gm.model(sch, prediction="eps", dtype=torch.float32)
+    noise = torch.randn(16, 16, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(run_plan(plan, model, noise, True), run_plan(plan, model, noise, False))
 
 
 def test_a_searched_corrector_is_fused_too():

@@ -158,7 +158,8 @@ class MultistepPlan:
 
     def fused(self) -> tuple[list[Step], int] | None:
         """Each corrector folded into the next predictor: ``(steps, history)``, or ``None`` where
-        that does not apply (stochastic, re-evaluating or ``free_first`` plans).
+        that does not apply (stochastic, re-evaluating or ``free_first`` plans). A plan without
+        correctors gives its predictors (and runs through the same short loop).
 
         A corrector replaces the state at node ``i`` by ``x_i = c.a x_{i-1} + c.at xt_i + sum c.d H``,
         and predictor ``i - 1`` made ``xt_i = p'.a x_{i-1} + sum p'.d H'`` (``H'_k = H_{k+1}``, the
@@ -175,7 +176,7 @@ class MultistepPlan:
     def _fuse(self):
         n = len(self.nodes)
         correctors = self.correctors or [None] * n
-        if (self.free_first or any(self.reevaluate) or not any(c is not None for c in correctors[1:])
+        if (self.free_first or any(self.reevaluate) or any(s.at != 0.0 for s in self.predictors)
                 or any(s.noise != 0.0 for s in self.predictors)
                 or any(c is not None and (c.noise != 0.0) for c in correctors)):
             return None
@@ -258,13 +259,28 @@ def _run_fused(plan: MultistepPlan, fused: tuple[list[Step], int], x: torch.Tens
     scales: list[float] = []
     nodes = plan.nodes
     n = len(nodes)
+    # (a, [(k, d_k) for the nonzero d_k]) per step, so the loop builds no term lists
+    table = [(st.a, [(k, c) for k, c in enumerate(st.d) if c != 0.0]) for st in steps]
     for i in range(n):
         (answer,) = yield Evaluate((x,), (nodes[i],), i, scaled=True)
-        d, s = _as_scaled(answer)
+        d, s = answer if type(answer) is tuple else (answer, 1.0)
         history.insert(0, d)
         scales.insert(0, s)
         del history[keep:], scales[keep:]
-        x = lincomb(steps[i].terms(x, None, history, None, scales))
+        a, weights = table[i]
+        if not weights:
+            x = x * a
+        elif a == 0.0:
+            x = lincomb([(c * scales[k], history[k]) for k, c in weights])
+        else:
+            # lincomb's operations in lincomb's order (the same bits), without building term lists
+            k, c = weights[0]
+            out = torch.add(x, history[k], alpha=c * scales[k] / a)
+            if a != 1.0:
+                out.mul_(a)
+            for k, c in weights[1:]:
+                out.add_(history[k], alpha=c * scales[k])
+            x = out
         yield StepDone(i, nodes[i + 1].t if i + 1 < n else 0.0, x)
     return x
 
