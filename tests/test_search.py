@@ -243,6 +243,7 @@ def test_cli_search_writes_a_usable_solver(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "nfe=3: RMSE to the teacher" in printed and "nfe=4: RMSE to the teacher" in printed
+    assert printed.count("starts at t") == 2  # at t_max, or where the searched start put it
     solver = fileformat.load(tmp_path / "g-nfe4.safetensors")
     assert solver.nfe == 4 and solver.model == "gaussian" and solver.search["samples"] == 24
     gm = testbeds.Gaussian(mean=0.3, std=0.5, dim=16)

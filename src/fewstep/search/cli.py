@@ -202,8 +202,21 @@ def _search_all(args, nfes, ctx) -> int:
             f"nfe={nfe}: RMSE to the teacher, train {res.train_rmse_init:.4g} -> {res.train_rmse:.4g}, "
             f"held-out {res.val_rmse_init:.4g} -> {res.val_rmse:.4g} "
             f"({res.val_rmse / res.val_rmse_init:.2f}x the best training-free solver in the search space, "
-            f"{res.init}); "
+            f"{res.init}); {_start_text(res.params, model.schedule)}; "
             f"{res.iterations} iterations, {wall:.0f} s -> {path}"
         )
     ctx.barrier()
     return 0
+
+
+def _start_text(params, schedule) -> str:
+    """Where the searched solver starts, for the summary line."""
+    if params.start_logit is None:
+        return "starts at t_max"
+    import torch
+
+    from .parameterisation import step_table
+
+    with torch.no_grad():
+        t0 = step_table(params, schedule).times[0]
+    return f"starts at t={float(t0):.4g} (log-SNR {float(schedule.lambda_(t0)):.3g}) from pure noise"
