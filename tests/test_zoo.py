@@ -261,6 +261,22 @@ def test_sample_command_writes_a_deterministic_tensor(tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
+def test_sample_command_runs_a_bundled_searched_solver(tmp_path, capsys):
+    """`--path` names a searched solver (a bundled name here) and gives what fewstep.sample gives."""
+    from fewstep.cli import main
+
+    args = ["sample", "--model", "digits16", "--path", "digits16-nfe6", "--nfe", "6", "--label", "all",
+            "--seed", "3", "--num", "4", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "s.pt")]) == 0
+    x = torch.load(tmp_path / "s.pt")
+    assert x.shape == (4, 1, 16, 16) and bool(torch.isfinite(x).all()) and float(x.abs().max()) < 3.0
+    assert main(["sample", "--path", "digits16-nfe6", "--nfe", "5", "--num", "2", "--no-progress",
+                 "--out", str(tmp_path / "t.pt")]) == 2
+    assert "nfe: this searched solver" in capsys.readouterr().err
+    assert main(["sample", "--solver", "ddim", "--path", "digits16-nfe6", "--out", str(tmp_path / "u.pt")]) == 2
+    assert "--path: only for the searched solver" in capsys.readouterr().err
+
+
 def test_parse_labels():
     assert zoo_cli.parse_labels("all", 12, 10).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert zoo_cli.parse_labels("3,5", 3, 10).tolist() == [3, 5, 3]

@@ -110,7 +110,8 @@ class Searched(Solver):
 
     # ---- budget: exactly the searched NFE ----------------------------------------------------
     def min_nfe(self) -> int:
-        return self.file.nfe
+        # any other budget is refused by num_points, with the message that names the searched NFE
+        return 1
 
     def num_points(self, nfe: int) -> int:
         if nfe != self.file.nfe:

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (default: 10)")
     p.add_argument("--grid", default=None, help="named grid (default: the solver's default, logsnr)")
     p.add_argument("--order", type=int, default=None, help="solver order, for solvers that take one")
+    p.add_argument("--path", default=None,
+                   help="a searched solver: a file from `fewstep search` or a bundled name such as digits16-nfe6 "
+                        "(implies --solver searched; --nfe must be the searched one)")
     p.add_argument("--label", default=None,
                    help="digit label(s): one integer, a comma list cycled over the batch, or 'all' for 0..9 cycled")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default: 1, none)")
@@ -124,6 +127,11 @@ def _cmd_sample(args) -> int:
         return zoo.conditioned(model, None if labels is None else labels[rows.start:rows.stop], args.guidance)
 
     options = {} if args.order is None else {"order": args.order}
+    solver = args.solver
+    if args.path is not None:
+        if solver not in (None, "searched"):
+            raise ValueError(f"--path: only for the searched solver, got --solver {solver}")
+        solver, options["path"] = "searched", args.path
     describe = {"model": args.model, "label": args.label, "guidance": args.guidance}
     with distributed.launched("gloo") as ctx:  # the CLI samples on the CPU: gloo moves CPU tensors
         start = time.perf_counter()
@@ -131,7 +139,7 @@ def _cmd_sample(args) -> int:
             model, num=args.num, batch_size=args.batch_size, seed=args.seed, ctx=ctx,
             out=out if out.suffix == ".pt" else None, shards=args.shards, model_for=model_for, describe=describe,
             progress=not args.no_progress, return_info=True,
-            solver=args.solver, nfe=args.nfe, grid=args.grid, **options)
+            solver=solver, nfe=args.nfe, grid=args.grid, **options)
         seconds = time.perf_counter() - start
     if not ctx.is_main:
         return 0
