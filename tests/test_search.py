@@ -403,3 +403,19 @@ def test_searched_start_in_a_diffusers_pipeline(tmp_path):
         x = sched.step(model.net(x, t.expand(5).to(F64)), t, x).prev_sample
     ref = fewstep.sample(model, noise, solver="searched", path=path, nfe=5)
     assert float((x - ref).abs().max()) <= 1e-6
+
+
+def test_trial_starts_keep_the_best_of_each_kind():
+    """The trial runs always include the best start from t_max and the best truncated start."""
+    sch = linear_vp()
+    cands = loop.candidates(sch, 5, "x0", truncate=True)
+    truncated = [p for _, p in cands if p.start_logit is not None]
+    from_top = [p for _, p in cands if p.start_logit is None]
+    # the three best by probe error are truncated; the best from t_max is fourth
+    scored = [(0.1, "a", truncated[0]), (0.2, "b", truncated[1]), (0.3, "c", truncated[2]), (0.4, "d", from_top[0]),
+              (0.5, "e", from_top[1])]
+    chosen = loop._trial_starts(scored, 3)
+    assert [name for _, name, _ in chosen] == ["a", "b", "d"]
+    assert [name for _, name, _ in loop._trial_starts(scored, 1)] == ["a"]
+    mixed = [scored[0], scored[3], scored[1]]
+    assert [name for _, name, _ in loop._trial_starts(mixed, 2)] == ["a", "d"]
