@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Generator, Sequence
+from typing import Any, Callable, ClassVar, Generator, NamedTuple, Sequence
 
 import torch
 
@@ -90,14 +90,17 @@ class Step:
 
     ``d[k]`` multiplies the k-th newest stored prediction. ``noise`` multiplies a standard normal
     draw (one per step, shared between the predictor and the corrector of that step).
+    ``noise_prev`` multiplies the previous step's draw; only a corrector folded into the next
+    predictor (:meth:`MultistepPlan.fused`) has one.
     """
 
     a: float
     d: tuple[float, ...] = ()
     at: float = 0.0
     noise: float = 0.0
+    noise_prev: float = 0.0
 
-    def terms(self, x, x_tilde, history, z, scales=None):
+    def terms(self, x, x_tilde, history, z, scales=None, z_prev=None):
         """``(coefficient, tensor)`` pairs; ``scales[k]`` multiplies history entry ``k`` (default 1)."""
         out = []
         if self.a != 0.0:
@@ -112,6 +115,8 @@ class Step:
             for c, h, s in zip(self.d, history, scales):
                 if c != 0.0:
                     out.append((c * s, h))
+        if self.noise_prev != 0.0:
+            out.append((self.noise_prev, z_prev))
         if self.noise != 0.0:
             out.append((self.noise, z))
         return out
@@ -131,7 +136,10 @@ class MultistepPlan:
     * ``reevaluate[i]``: evaluate again at the corrected state and replace the newest prediction
       (PECE mode, e.g. Heun).
     * ``free_first``: the first prediction is the initial noise itself (forward-value samplers).
-    * ``start_sigma``: see the field.
+    * ``start_sigma``, ``fuse``: see the fields.
+
+    The fused steps (:meth:`fused`) are made with the plan: change a plan with
+    :func:`dataclasses.replace`, not in place.
     """
 
     view: str
@@ -145,8 +153,16 @@ class MultistepPlan:
     #: a plan whose first node lies below ``t_max`` and starts there from pure noise (a searched
     #: solver with a searched start): the first state is ``start_sigma * noise`` (``None``: as usual)
     start_sigma: float | None = None
-    #: see :meth:`fused`; computed once per plan (plans are cached and reused between calls)
+    #: run each corrector folded into the next predictor where the algebra allows (:meth:`fused`);
+    #: ``False`` runs every predictor and corrector as written (the reference the fused loop is tested against)
+    fuse: bool = True
+    #: ``((fused steps, history, loop table, stochastic) or None,)``, made with the plan (plans are
+    #: cached and reused between calls, so this is once)
     _fused: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # the fold is planning: made here, once, rather than in the first run of the plan
+        self._fused_run()
 
     @property
     def nfe(self) -> int:
@@ -157,28 +173,42 @@ class MultistepPlan:
         return [n.t for n in self.nodes]
 
     def fused(self) -> tuple[list[Step], int] | None:
-        """Each corrector folded into the next predictor: ``(steps, history)``, or ``None`` where
-        that does not apply (stochastic, re-evaluating or ``free_first`` plans). A plan without
-        correctors gives its predictors (and runs through the same short loop).
+        """Each corrector folded into the next predictor: ``(steps, history)``, one step per node, or
+        ``None`` where that does not apply (``fuse=False``, re-evaluating plans, a predictor that
+        uses ``x_tilde`` or has a zero ``x`` weight before a corrector). A plan without correctors
+        gives its predictors (and runs through the same short loop).
 
-        A corrector replaces the state at node ``i`` by ``x_i = c.a x_{i-1} + c.at xt_i + sum c.d H``,
-        and predictor ``i - 1`` made ``xt_i = p'.a x_{i-1} + sum p'.d H'`` (``H'_k = H_{k+1}``, the
-        history before ``D_i``). Solving the second for ``x_{i-1}`` writes ``x_i`` -- and then the
-        predicted ``xt_{i+1}`` -- as ONE linear combination of ``xt_i`` and the history: a
-        predictor-corrector (UniPC) then costs one combination per step instead of two, with the
-        same numbers (float64 coefficients; the state ``x_i`` itself is never needed, as the drivers
-        only see ``xt``). Computed once and kept on the plan.
+        A corrector replaces the state at node ``i`` by
+        ``x_i = c.a x_{i-1} + c.at xt_i + sum c.d H + c.noise z_{i-1}``, and predictor ``i - 1`` made
+        ``xt_i = p'.a x_{i-1} + sum p'.d H' + p'.noise z_{i-1}`` (``H'_k = H_{k+1}``, the history
+        before ``D_i``). Solving the second for ``x_{i-1}`` writes ``x_i`` -- and then the predicted
+        ``xt_{i+1}`` -- as ONE linear combination of ``xt_i``, the history and the draws ``z_{i-1}``,
+        ``z_i``: a predictor-corrector (UniPC, SA-Solver, forward value) then costs one combination
+        per step instead of two, with the same numbers (float64 coefficients; the state ``x_i``
+        itself is never needed, as the drivers only see ``xt``). Made once, with the plan.
+
+        Example::
+
+            >>> plan = fewstep.solvers.get("unipc", order=2).prepare(schedule, times)  # doctest: +SKIP
+            >>> steps, history = plan.fused()                                           # doctest: +SKIP
         """
+        found = self._fused_run()
+        return None if found is None else found[:2]
+
+    def _fused_run(self):
+        """What :func:`_run_fused` needs: ``(steps, history, loop table, stochastic)``, or ``None``."""
         if self._fused is None:
-            self._fused = (self._fuse(),)
+            steps = self._fuse() if self.fuse else None
+            self._fused = (None if steps is None else (*steps, *_loop_table(steps[0], self.nodes)),)
         return self._fused[0]
 
     def _fuse(self):
         n = len(self.nodes)
         correctors = self.correctors or [None] * n
-        if (self.free_first or any(self.reevaluate) or any(s.at != 0.0 for s in self.predictors)
-                or any(s.noise != 0.0 for s in self.predictors)
-                or any(c is not None and (c.noise != 0.0) for c in correctors)):
+        if len(self.predictors) != n or len(correctors) != n:
+            return None  # not a plan run_multistep can run: let it say so when run
+        if (any(self.reevaluate) or any(s.at != 0.0 or s.noise_prev != 0.0 for s in self.predictors)
+                or any(c is not None and c.noise_prev != 0.0 for c in correctors)):
             return None
         steps, history = [], max(1, self.history)
         for i, pred in enumerate(self.predictors):
@@ -191,7 +221,7 @@ class MultistepPlan:
                 return None
             r = corr.a / before.a
             width = max(len(corr.d), len(before.d) + 1, len(pred.d))
-            e = [0.0] * width  # x_i = (r + c.at) xt_i + sum_k e[k] H_k
+            e = [0.0] * width  # x_i = (r + c.at) xt_i + sum_k e[k] H_k + (c.noise - r p'.noise) z_{i-1}
             for k, c in enumerate(corr.d):
                 e[k] += c
             for k, c in enumerate(before.d):
@@ -199,9 +229,35 @@ class MultistepPlan:
             d = [pred.a * v for v in e]
             for k, c in enumerate(pred.d):
                 d[k] += c
-            steps.append(Step(a=pred.a * (r + corr.at), d=tuple(d)))
+            # SA-Solver's corrector redoes the step with the predictor's own draw: r = 1 and the same
+            # noise weight, so the z_{i-1} weight is exactly zero there
+            noise_prev = pred.a * (corr.noise - r * before.noise)
+            steps.append(Step(a=pred.a * (r + corr.at), d=tuple(d), noise=pred.noise, noise_prev=noise_prev))
             history = max(history, width)
         return steps, history
+
+
+class _LoopStep(NamedTuple):
+    """One fused step as :func:`_run_fused` reads it, made once per plan."""
+
+    a: float
+    #: ``(k, d_k)`` of the first nonzero history weight (``None``: none), then the others
+    first: tuple[int, float] | None
+    rest: list[tuple[int, float]]
+    step: Step
+    nodes: tuple[Node]  # the Evaluate request's nodes
+    t_next: float  # the time the step reaches (StepDone)
+
+
+def _loop_table(steps: list[Step], nodes: list[Node]) -> tuple[list[_LoopStep], bool]:
+    """The fused loop's table and whether any step draws noise (or reuses the previous draw)."""
+    n = len(nodes)
+    table = []
+    for i, st in enumerate(steps):
+        weights = [(k, c) for k, c in enumerate(st.d) if c != 0.0]
+        table.append(_LoopStep(st.a, weights[0] if weights else None, weights[1:], st, (nodes[i],),
+                               nodes[i + 1].t if i + 1 < n else 0.0))
+    return table, any(st.noise != 0.0 or st.noise_prev != 0.0 for st in steps)
 
 
 def _as_scaled(answer) -> tuple[torch.Tensor, float]:
@@ -211,15 +267,15 @@ def _as_scaled(answer) -> tuple[torch.Tensor, float]:
 
 def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], torch.Tensor] | None) -> SolverRun:
     """Execute any :class:`MultistepPlan` (the generator shared by all multistep solvers)."""
+    fused = plan._fused_run()
+    if fused is not None:
+        return (yield from _run_fused(plan, fused, x, noise))
     # history[k] * scales[k] is the k-th newest prediction: the scales are Python floats folded into
     # the step coefficients, so a driver may answer with unscaled tensors (see Evaluate.scaled)
     history: list[torch.Tensor] = []
     scales: list[float] = []
     keep = max(1, plan.history)
     n = len(plan.nodes)
-    fused = plan.fused()
-    if fused is not None:
-        return (yield from _run_fused(plan, fused, x))
     correctors = plan.correctors or [None] * n
     reevaluate = plan.reevaluate or [False] * n
     x_tilde = x  # state at which node i is evaluated
@@ -251,37 +307,41 @@ def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], t
     return x_tilde
 
 
-def _run_fused(plan: MultistepPlan, fused: tuple[list[Step], int], x: torch.Tensor) -> SolverRun:
-    """:func:`run_multistep` for a deterministic predictor-corrector plan whose correctors are folded
-    into the predictors (:meth:`MultistepPlan.fused`): one linear combination per step."""
-    steps, keep = fused
+def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
+               noise: Callable[[int], torch.Tensor] | None) -> SolverRun:
+    """:func:`run_multistep` for a plan whose correctors are folded into the predictors
+    (:meth:`MultistepPlan.fused`): one linear combination per step, from the predicted state."""
+    _, keep, table, stochastic = fused
     history: list[torch.Tensor] = []
     scales: list[float] = []
-    nodes = plan.nodes
-    n = len(nodes)
-    # (a, [(k, d_k) for the nonzero d_k]) per step, so the loop builds no term lists
-    table = [(st.a, [(k, c) for k, c in enumerate(st.d) if c != 0.0]) for st in steps]
-    for i in range(n):
-        (answer,) = yield Evaluate((x,), (nodes[i],), i, scaled=True)
-        d, s = answer if type(answer) is tuple else (answer, 1.0)
+    z = None
+    for i, (a, first, rest, step, nodes, t_next) in enumerate(table):
+        if i == 0 and plan.free_first:
+            d, s = x, 1.0 / plan.initial_scale
+        else:
+            (answer,) = yield Evaluate((x,), nodes, i, scaled=True)
+            d, s = answer if type(answer) is tuple else (answer, 1.0)
         history.insert(0, d)
         scales.insert(0, s)
         del history[keep:], scales[keep:]
-        a, weights = table[i]
-        if not weights:
+        if stochastic:
+            # the draws as the two-combination loop makes them; a folded corrector reuses z_{i-1}
+            z_prev, z = z, (noise(i) if (step.noise != 0.0 and noise is not None) else None)
+            x = lincomb(step.terms(x, None, history, z, scales, z_prev))
+        elif first is None:
             x = x * a
         elif a == 0.0:
-            x = lincomb([(c * scales[k], history[k]) for k, c in weights])
+            x = lincomb([(c * scales[k], history[k]) for k, c in (first, *rest)])
         else:
             # lincomb's operations in lincomb's order (the same bits), without building term lists
-            k, c = weights[0]
+            k, c = first
             out = torch.add(x, history[k], alpha=c * scales[k] / a)
             if a != 1.0:
                 out.mul_(a)
-            for k, c in weights[1:]:
+            for k, c in rest:
                 out.add_(history[k], alpha=c * scales[k])
             x = out
-        yield StepDone(i, nodes[i + 1].t if i + 1 < n else 0.0, x)
+        yield StepDone(i, t_next, x)
     return x
 
 
