@@ -381,8 +381,7 @@ def test_search_can_start_below_t_max():
 def test_searched_start_in_a_diffusers_pipeline(tmp_path):
     """Through FewstepScheduler a searched start scales the pipeline's latents by sigma(t_0)
     (init_noise_sigma) and the pipeline loop returns what fewstep.sample returns."""
-    pytest.importorskip("diffusers")
-    from fewstep.integrations.diffusers import FewstepScheduler
+    from fewstep.integrations.diffusers import FewstepScheduler  # diffusers: a test dependency
     from fewstep.sample import truncated_start
 
     sch = linear_vp()

@@ -320,7 +320,7 @@ def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
             d, s = x, 1.0 / plan.initial_scale
         else:
             (answer,) = yield Evaluate((x,), nodes, i, scaled=True)
-            d, s = answer if type(answer) is tuple else (answer, 1.0)
+            d, s = _as_scaled(answer)
         history.insert(0, d)
         scales.insert(0, s)
         del history[keep:], scales[keep:]
