@@ -120,8 +120,13 @@ def _check_nfe(nfe) -> int:
     return nfe
 
 
-def plan_for(model: Model, solver: Solver, nfe: int | None, grid, start: float | None = None) -> tuple[Any, torch.Tensor]:
-    """Resolve the grid for a budget and precompute the solver's plan (float64, once)."""
+def plan_for(model: Model, solver: Solver, nfe: int | None, grid, start: float | None = None,
+             bridge: bool = False) -> tuple[Any, torch.Tensor]:
+    """Resolve the grid for a budget and precompute the solver's plan (float64, once).
+
+    ``bridge``: the named grid starts at ``start`` below ``t_max`` from pure noise; the plan gets
+    the truncation bridge where it has one (:func:`bridged_plan`).
+    """
     sch = model.schedule
     if isinstance(grid, str) or grid is None:
         if nfe is None:
@@ -129,7 +134,7 @@ def plan_for(model: Model, solver: Solver, nfe: int | None, grid, start: float |
         nfe = _check_nfe(nfe)
         # a named grid is a pure function of (name, schedule, nfe, start): a repeated call finds both
         # the grid and the plan here, without building either (this is most of a call's fixed cost)
-        named_key = _plan_key(solver, sch, ("named", grid, nfe, start))
+        named_key = _plan_key(solver, sch, ("named", grid, nfe, start, bridge))
         hit = _cache_get(named_key, sch)
         if hit is not None:
             return hit
@@ -137,6 +142,8 @@ def plan_for(model: Model, solver: Solver, nfe: int | None, grid, start: float |
             raise ValueError(f"nfe: {solver.name} with these options needs nfe >= {solver.min_nfe()}, got {nfe}")
         times = _grids.make(grid or default_grid(sch), sch, solver.num_points(nfe), t_start=start)
         plan = _cached_prepare(solver, sch, times)
+        if bridge:
+            plan = bridged_plan(plan, sch)
         _cache_put(named_key, sch, (plan, times))
         return plan, times
     else:
@@ -152,6 +159,23 @@ def plan_for(model: Model, solver: Solver, nfe: int | None, grid, start: float |
                     f"more than nfe={nfe}"
                 )
     return _cached_prepare(solver, sch, times), times
+
+
+def bridged_plan(plan, schedule):
+    """``plan`` (which starts below ``t_max`` from pure noise) with the truncation bridge, or ``plan``
+    itself where the solver has none (stochastic solvers, forward value, searched solvers, ...).
+
+    The bridge replaces the first state ``sigma_0 * z`` by ``sigma_0 * z + w * x0(sigma_0 * z, t_0)``,
+    ``w = alpha_0 - sigma_0 alpha_top / sigma_top``: the skipped segment ``[t_0, t_max]`` of the
+    probability-flow ODE integrated with the data prediction the sampler makes at ``t_0`` anyway
+    (:func:`fewstep.solvers.base.start_bridge_weight`). No extra network evaluation.
+    """
+    make = getattr(plan, "bridged", None)
+    if make is None:
+        return plan
+    top = schedule.nodes(torch.tensor([float(schedule.t_max)], dtype=torch.float64))[0]
+    bridged = make(top)
+    return plan if bridged is None else bridged
 
 
 # Plans are pure functions of (solver options, schedule, grid): cache the last few so repeated calls
@@ -288,6 +312,7 @@ def sample(
     state_dtype: torch.dtype | None = None,
     start: float | None = None,
     start_logsnr: float | None = None,
+    start_bridge: bool = True,
     return_info: bool = False,
     **options,
 ):
@@ -311,6 +336,10 @@ def sample(
             value (when the schedule starts above it) from pure noise, ``sigma * noise`` there. The
             default solver does this at NFE <= 12 (``recommended_start``); pass ``float("-inf")`` to
             start at ``t_max`` with the default solver.
+        start_bridge: with a truncated start, integrate the skipped top of the schedule with the data
+            prediction made at the start (:func:`bridged_plan`; deterministic solvers that evaluate
+            there: not ``fv`` or stochastic ones). No extra evaluation; ``False`` starts from
+            ``sigma * noise`` as it is.
         return_info: also return a :class:`SampleInfo`.
         **options: solver options (``order=``, ...); unknown ones raise ``ValueError``.
 
@@ -338,8 +367,11 @@ def sample(
                 if start is None and start_logsnr is None:
                     start_logsnr = recommended_start(nfe)
         solver_obj = get_solver(solver, **options)
+    if not isinstance(start_bridge, bool):
+        raise TypeError(f"start_bridge: expected True or False, got {start_bridge!r}")
     truncate = truncated_start(model.schedule, start_logsnr)  # a start below t_max, from pure noise
-    plan, times = plan_for(model, solver_obj, nfe, grid, start if truncate is None else truncate)
+    plan, times = plan_for(model, solver_obj, nfe, grid, start if truncate is None else truncate,
+                           bridge=truncate is not None and start_bridge)
     if start is not None and getattr(plan, "free_first", False):
         raise ValueError(f"start: {solver_obj.name} treats its first state as pure noise; it cannot start at t={start:g}")
 

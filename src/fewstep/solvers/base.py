@@ -19,7 +19,7 @@ linear combination of the state, past predictions and a noise draw. They only fi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Generator, NamedTuple, Sequence
 
 import torch
@@ -34,6 +34,8 @@ __all__ = [
     "Step",
     "run_multistep",
     "lincomb",
+    "x0_weights",
+    "start_bridge_weight",
     "register",
     "REGISTRY",
 ]
@@ -81,6 +83,30 @@ def lincomb(terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
             out.add_(v, alpha=c)
         return out
     return v0.mul(c0) if c0 != 1.0 else v0.clone()
+
+
+def x0_weights(view: str, node: Node) -> tuple[float, float]:
+    """``(p, q)`` with ``x0 = p * x + q * V`` for a prediction ``V`` in ``view`` ("x0" or "eps") at ``node``."""
+    if view == "x0":
+        return (0.0, 1.0)
+    if view == "eps":
+        return (1.0 / node.alpha, -node.sigma / node.alpha)  # x0 = (x - sigma eps) / alpha
+    raise ValueError(f"view: expected 'x0' or 'eps', got {view!r}")
+
+
+def start_bridge_weight(top: Node, start: Node) -> float:
+    """The weight of the first data prediction in the truncation bridge from ``top`` to ``start``.
+
+    A sampler that skips the top of the schedule starts at ``start`` from pure noise,
+    ``x = sigma_start * z``, while the probability-flow ODE from ``x_top = sigma_top * z`` gives, in
+    its data form (DPM-Solver++, Lu et al. 2022, eq. (9)),
+    ``x_start = (sigma_start / sigma_top) x_top + sigma_start * integral_{lam_top}^{lam_start}
+    e^lam x0(lam) dlam``. The bridge keeps that integral, with the data prediction frozen at the
+    segment's *right* end (where its ``e^lam`` weight concentrates; the forward-value idea of Jiao et
+    al.), i.e. the prediction the sampler makes at ``start`` anyway: ``x += w * x0(x, start)`` with
+    ``w = alpha_start - sigma_start * alpha_top / sigma_top``. No extra network evaluation.
+    """
+    return start.alpha - start.sigma * top.alpha / top.sigma
 
 
 # ------------------------------------------------------------------------------------------- plans
@@ -194,6 +220,40 @@ class MultistepPlan:
         """
         found = self._fused_run()
         return None if found is None else found[:2]
+
+    def bridged(self, top: Node) -> "MultistepPlan | None":
+        """This plan started from pure noise below ``top`` (the schedule's first node), with the
+        truncation bridge: the state at the first node replaced by ``x + weight * x0(x, nodes[0])``,
+        ``weight = start_bridge_weight(top, nodes[0])``. ``None`` where the bridge does not apply: a
+        plan that evaluates nothing at its first node (``free_first``) or draws noise.
+
+        The first prediction is the one evaluated at the unshifted state (the shift is small and the
+        data prediction is flat in ``x`` at high noise), so only the two steps that read the first
+        state change: ``x`` enters them as ``(1 + weight p) x + weight q D_0``
+        (``x0 = p x + q D``, :func:`x0_weights`). Coefficients in float64, once.
+
+        Example::
+
+            >>> plan = fewstep.solvers.get("dpm++").prepare(schedule, times)      # doctest: +SKIP
+            >>> plan.bridged(schedule.nodes(torch.tensor([schedule.t_max]))[0])   # doctest: +SKIP
+        """
+        if self.free_first or any(s.noise != 0.0 for s in self.predictors) or any(
+                c is not None and c.noise != 0.0 for c in self.correctors):
+            return None
+        weight = start_bridge_weight(top, self.nodes[0])
+        p, q = x0_weights(self.view, self.nodes[0])
+
+        def shifted(step: Step, k: int) -> Step:  # step reads the first state as x, its prediction as D[k]
+            d = list(step.d) + [0.0] * (k + 1 - len(step.d))
+            d[k] += step.a * weight * q
+            return replace(step, a=step.a * (1.0 + weight * p), d=tuple(d))
+
+        predictors = [shifted(self.predictors[0], 0), *self.predictors[1:]]
+        correctors, history = list(self.correctors), self.history
+        if len(correctors) > 1 and correctors[1] is not None:
+            correctors[1] = shifted(correctors[1], 1)  # at node 1 the first prediction is one back
+            history = max(history, 2)
+        return replace(self, predictors=predictors, correctors=correctors, history=history)
 
     def _fused_run(self):
         """What :func:`_run_fused` needs: ``(steps, history, loop table, stochastic)``, or ``None``."""

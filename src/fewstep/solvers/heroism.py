@@ -71,12 +71,12 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from .base import Evaluate, Solver, StepDone, lincomb, register
+from .base import Evaluate, Solver, StepDone, lincomb, register, start_bridge_weight, x0_weights
 from .coefficients import lagrange_weights
 from ..schedules import Node, Schedule
 
@@ -246,16 +246,32 @@ class HeroismPlan:
     nfe: int
     calls: int
 
+    def bridged(self, top: Node) -> "HeroismPlan":
+        """This plan started from pure noise below ``top``, with the truncation bridge: the first
+        state replaced by ``x + weight * x0(x, first)``
+        (:func:`fewstep.solvers.base.start_bridge_weight`), folded into the first step's updates,
+        which are the only ones that read the first state (the evaluation there, ``D[0]``, stays the
+        one made at the unshifted state)."""
+        weight = start_bridge_weight(top, self.first)
+        p, q = x0_weights(self.view, self.first)
+
+        def shifted(u: _Update, k: int) -> _Update:  # u reads the first state as x, D[0] as its c[k]
+            c = list(u.c) + [0.0] * (k + 1 - len(u.c))
+            c[k] += u.a * weight * q
+            return _Update(u.a * (1.0 + weight * p), tuple(c))
+
+        first = self.steps[0]
+        if self.mode == "collocation":  # every node of the first step integrates from d_left = D[0]
+            first = replace(first, updates=tuple(shifted(u, 0) for u in first.updates))
+        else:  # predictor: D[0] is the newest past point; corrector: one behind the new evaluation
+            first = replace(first, predictor=shifted(first.predictor, 0),
+                            corrector=None if first.corrector is None else shifted(first.corrector, 1))
+        return replace(self, steps=[first, *self.steps[1:]])
+
     def times(self) -> list[float]:
         if self.mode == "collocation":
             return [self.first.t] + [s.nodes[-1].t for s in self.steps]
         return [self.first.t] + [s.right.t for s in self.steps]
-
-
-def _x0_from_view(view: str, node: Node) -> tuple[float, float]:
-    if view == "x0":
-        return (0.0, 1.0)
-    return (1.0 / node.alpha, -node.sigma / node.alpha)  # x0 = (x - sigma eps) / alpha
 
 
 # ---------------------------------------------------------------------------------------- solver
@@ -363,7 +379,7 @@ class Heroism(Solver):
             first=grid[0],
             steps=steps,
             history=history,
-            output=_x0_from_view(form.view, grid[-1]),
+            output=x0_weights(form.view, grid[-1]),
             nfe=self.nfe_for_points(m),
             calls=self.calls_for_points(m),
         )
