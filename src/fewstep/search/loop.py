@@ -65,7 +65,8 @@ INIT_GRIDS = ("logsnr", "karras", "uniform", "quadratic")
 #: also starts from grids whose last node can still move.
 INIT_SHARES = (0.0, 0.03, 0.1)
 #: Truncated starts (log-SNR where sampling begins from pure noise) of the starting grids with a
-#: searched start: fewstep's default sampler starts at -3.24 or -4.1 below NFE 13 (``sample.py``).
+#: searched start: where fewstep's default sampler started below NFE 13 when the bundled solvers
+#: were searched (-3.24, or -4.1 at NFE 10-12; now -3.24 throughout, ``sample.py``).
 INIT_STARTS = (-3.24, -4.1)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "lincomb",
     "x0_weights",
     "start_bridge_weight",
+    "bridge_shift",
     "register",
     "REGISTRY",
 ]
@@ -107,6 +108,16 @@ def start_bridge_weight(top: Node, start: Node) -> float:
     ``w = alpha_start - sigma_start * alpha_top / sigma_top``. No extra network evaluation.
     """
     return start.alpha - start.sigma * top.alpha / top.sigma
+
+
+def bridge_shift(a: float, weights: Sequence[float], k: int, weight: float, p: float, q: float
+                 ) -> tuple[float, tuple[float, ...]]:
+    """An update ``a x + sum_j weights[j] D_j`` that reads the first state as ``x`` and the first
+    prediction as ``D_k``, rewritten for the bridged first state ``x + weight (p x + q D_k)``
+    (``x0 = p x + q D``, :func:`x0_weights`): ``(new a, new weights)``."""
+    shifted = list(weights) + [0.0] * (k + 1 - len(weights))
+    shifted[k] += a * weight * q
+    return a * (1.0 + weight * p), tuple(shifted)
 
 
 # ------------------------------------------------------------------------------------------- plans
@@ -244,9 +255,8 @@ class MultistepPlan:
         p, q = x0_weights(self.view, self.nodes[0])
 
         def shifted(step: Step, k: int) -> Step:  # step reads the first state as x, its prediction as D[k]
-            d = list(step.d) + [0.0] * (k + 1 - len(step.d))
-            d[k] += step.a * weight * q
-            return replace(step, a=step.a * (1.0 + weight * p), d=tuple(d))
+            a, d = bridge_shift(step.a, step.d, k, weight, p, q)
+            return replace(step, a=a, d=d)
 
         predictors = [shifted(self.predictors[0], 0), *self.predictors[1:]]
         correctors, history = list(self.correctors), self.history

@@ -76,7 +76,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .base import Evaluate, Solver, StepDone, lincomb, register, start_bridge_weight, x0_weights
+from .base import Evaluate, Solver, StepDone, bridge_shift, lincomb, register, start_bridge_weight, x0_weights
 from .coefficients import lagrange_weights
 from ..schedules import Node, Schedule
 
@@ -256,9 +256,7 @@ class HeroismPlan:
         p, q = x0_weights(self.view, self.first)
 
         def shifted(u: _Update, k: int) -> _Update:  # u reads the first state as x, D[0] as its c[k]
-            c = list(u.c) + [0.0] * (k + 1 - len(u.c))
-            c[k] += u.a * weight * q
-            return _Update(u.a * (1.0 + weight * p), tuple(c))
+            return _Update(*bridge_shift(u.a, u.c, k, weight, p, q))
 
         first = self.steps[0]
         if self.mode == "collocation":  # every node of the first step integrates from d_left = D[0]
