@@ -36,7 +36,7 @@ __all__ = [
     "lincomb",
     "x0_weights",
     "start_bridge_weight",
-    "bridge_shift",
+    "StartBridge",
     "register",
     "REGISTRY",
 ]
@@ -110,14 +110,42 @@ def start_bridge_weight(top: Node, start: Node) -> float:
     return start.alpha - start.sigma * top.alpha / top.sigma
 
 
-def bridge_shift(a: float, weights: Sequence[float], k: int, weight: float, p: float, q: float
-                 ) -> tuple[float, tuple[float, ...]]:
-    """An update ``a x + sum_j weights[j] D_j`` that reads the first state as ``x`` and the first
-    prediction as ``D_k``, rewritten for the bridged first state ``x + weight (p x + q D_k)``
-    (``x0 = p x + q D``, :func:`x0_weights`): ``(new a, new weights)``."""
-    shifted = list(weights) + [0.0] * (k + 1 - len(weights))
-    shifted[k] += a * weight * q
-    return a * (1.0 + weight * p), tuple(shifted)
+@dataclass(frozen=True, slots=True)
+class StartBridge:
+    """The truncation bridge folded into a plan's first steps (:func:`start_bridge_weight`).
+
+    The state at the first node becomes ``x' = x + weight * x0`` with ``x0 = p x + q D`` the data
+    prediction made at ``x`` (:func:`x0_weights`), and the first prediction is read as the one at
+    ``x'`` *with the same data prediction*: ``D' = D + slope * (x' - x)``, ``slope = 1/sigma`` in the
+    noise view (``eps = (x - alpha x0) / sigma``) and 0 in the data view. Keeping the data prediction
+    fixed (not the view's) is what makes the bridge the same method in every view: reusing ``eps(x)``
+    at ``x'`` would give a slope that disagrees with the state by ``weight * x0 / sigma``.
+
+    Example::
+
+        >>> bridge = StartBridge.between(top, first, "eps")   # doctest: +SKIP
+        >>> a, d = bridge.shift(step.a, step.d, 0)             # doctest: +SKIP
+    """
+
+    weight: float
+    p: float
+    q: float
+    slope: float
+
+    @classmethod
+    def between(cls, top: Node, first: Node, view: str) -> "StartBridge":
+        p, q = x0_weights(view, first)
+        return cls(start_bridge_weight(top, first), p, q, 1.0 / first.sigma if view == "eps" else 0.0)
+
+    def shift(self, a: float, weights: Sequence[float], k: int) -> tuple[float, tuple[float, ...]]:
+        """An update ``a x + sum_j weights[j] D_j`` that reads the first state as ``x`` and the first
+        prediction as ``D_k``, rewritten for ``x'`` and ``D'``: ``(new a, new weights)``."""
+        w, p, q, r = self.weight, self.p, self.q, self.slope
+        shifted = list(weights) + [0.0] * (k + 1 - len(weights))
+        d_k = shifted[k]
+        # x' = (1 + w p) x + w q D;  D' = r w p x + (1 + r w q) D
+        shifted[k] = a * w * q + d_k * (1.0 + r * w * q)
+        return a * (1.0 + w * p) + d_k * r * w * p, tuple(shifted)
 
 
 # ------------------------------------------------------------------------------------------- plans
@@ -238,10 +266,9 @@ class MultistepPlan:
         ``weight = start_bridge_weight(top, nodes[0])``. ``None`` where the bridge does not apply: a
         plan that evaluates nothing at its first node (``free_first``) or draws noise.
 
-        The first prediction is the one evaluated at the unshifted state (the shift is small and the
-        data prediction is flat in ``x`` at high noise), so only the two steps that read the first
-        state change: ``x`` enters them as ``(1 + weight p) x + weight q D_0``
-        (``x0 = p x + q D``, :func:`x0_weights`). Coefficients in float64, once.
+        The first data prediction is the one evaluated at the unshifted state (the shift is small and
+        the data prediction is flat in ``x`` at high noise), so only the two steps that read the first
+        state change (:class:`StartBridge`). Coefficients in float64, once.
 
         Example::
 
@@ -251,11 +278,10 @@ class MultistepPlan:
         if self.free_first or any(s.noise != 0.0 for s in self.predictors) or any(
                 c is not None and c.noise != 0.0 for c in self.correctors):
             return None
-        weight = start_bridge_weight(top, self.nodes[0])
-        p, q = x0_weights(self.view, self.nodes[0])
+        bridge = StartBridge.between(top, self.nodes[0], self.view)
 
         def shifted(step: Step, k: int) -> Step:  # step reads the first state as x, its prediction as D[k]
-            a, d = bridge_shift(step.a, step.d, k, weight, p, q)
+            a, d = bridge.shift(step.a, step.d, k)
             return replace(step, a=a, d=d)
 
         predictors = [shifted(self.predictors[0], 0), *self.predictors[1:]]
@@ -263,6 +289,8 @@ class MultistepPlan:
         if len(correctors) > 1 and correctors[1] is not None:
             correctors[1] = shifted(correctors[1], 1)  # at node 1 the first prediction is one back
             history = max(history, 2)
+        if bridge.slope != 0.0 and not _reread_first_prediction(predictors, correctors, bridge):
+            return None
         return replace(self, predictors=predictors, correctors=correctors, history=history)
 
     def _fused_run(self):
@@ -305,6 +333,43 @@ class MultistepPlan:
             steps.append(Step(a=pred.a * (r + corr.at), d=tuple(d), noise=pred.noise, noise_prev=noise_prev))
             history = max(history, width)
         return steps, history
+
+
+def _reread_first_prediction(predictors: list[Step], correctors: list, bridge: StartBridge) -> bool:
+    """In the noise view the bridged first prediction is ``D_0' = D_0 + slope * delta`` with
+    ``delta = weight (p x_0 + q D_0)`` (:class:`StartBridge`), and a multistep predictor ``i >= 1``
+    that reads ``D_0`` from its history must read ``D_0'``. It cannot see ``x_0``, but its own state
+    is a known combination ``x_i = alpha x_0 + sum_j beta_j D_j`` of ``x_0`` and the predictions in
+    its window, so ``x_0 = (x_i - sum_j beta_j D_j) / alpha`` folds in. Rewrites ``predictors`` in
+    place; ``False`` where this does not apply (a corrector after node 1 reads ``D_0``, or a plan
+    with correctors whose later predictors read it: their states are not tracked here)."""
+    n = len(predictors)
+    reads = [i for i in range(1, n) if len(predictors[i].d) > i and predictors[i].d[i] != 0.0]
+    if any(c is not None and len(c.d) > i and c.d[i] != 0.0 for i, c in enumerate(correctors) if i >= 2):
+        return False
+    if not reads:
+        return True
+    if any(c is not None for c in correctors):
+        return False
+    w, p, q, r = bridge.weight, bridge.p, bridge.q, bridge.slope
+    state = [1.0] + [0.0] * n  # x_i over (x_0, D_0, ..., D_{n-1}); the run holds the unshifted x_0
+    for i in range(n):
+        step = predictors[i]
+        if i in reads:
+            alpha, d = state[0], list(step.d)
+            if abs(alpha) < 1e-300:
+                return False
+            extra_x, extra_d0 = d[i] * r * w * p, d[i] * r * w * q  # d_i * slope * delta
+            a = step.a + extra_x / alpha
+            for j in range(i):  # D_j is history entry i - j at step i
+                d[i - j] -= extra_x * state[1 + j] / alpha
+            d[i] += extra_d0
+            step = predictors[i] = replace(step, a=a, d=tuple(d))
+        state = [step.a * v for v in state]
+        for k, c in enumerate(step.d):
+            if i - k >= 0:
+                state[1 + i - k] += c
+    return True
 
 
 class _LoopStep(NamedTuple):
