@@ -224,6 +224,9 @@ class MultistepPlan:
     #: ``((fused steps, history, loop table, stochastic) or None,)``, made with the plan (plans are
     #: cached and reused between calls, so this is once)
     _fused: Any = field(default=None, init=False, repr=False, compare=False)
+    #: the fused steps' state weights as 0-dim CPU tensors, one list per compute dtype
+    #: (:func:`_state_weights`), made on the plan's first run in that dtype
+    _state_weight_tensors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         # the fold is planning: made here, once, rather than in the first run of the plan
@@ -442,6 +445,18 @@ def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], t
     return x_tilde
 
 
+def _state_weights(plan: MultistepPlan, table: list, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each fused step's state weight ``a`` as a 0-dim CPU tensor in the dtype a Python float would
+    be used in (float64 for double states, float32 otherwise: the same bits). ``out.mul_(a)`` with a
+    Python float wraps it in a new tensor on every call, about 1.5 us of a 20 us step; a 0-dim CPU
+    tensor is passed to the kernel as a scalar on every device (no transfer, no sync)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    found = plan._state_weight_tensors.get(compute)
+    if found is None:
+        found = plan._state_weight_tensors[compute] = [torch.tensor(st.a, dtype=compute) for st in table]
+    return found
+
+
 def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
                noise: Callable[[int], torch.Tensor] | None) -> SolverRun:
     """:func:`run_multistep` for a plan whose correctors are folded into the predictors
@@ -450,6 +465,7 @@ def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
     history: list[torch.Tensor] = []
     scales: list[float] = []
     z = None
+    state_weights = None if stochastic else _state_weights(plan, table, x.dtype)
     for i, (a, first, rest, step, nodes, t_next) in enumerate(table):
         if i == 0 and plan.free_first:
             d, s = x, 1.0 / plan.initial_scale
@@ -472,7 +488,7 @@ def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
             k, c = first
             out = torch.add(x, history[k], alpha=c * scales[k] / a)
             if a != 1.0:
-                out.mul_(a)
+                out.mul_(state_weights[i])
             for k, c in rest:
                 out.add_(history[k], alpha=c * scales[k])
             x = out
