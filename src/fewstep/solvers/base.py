@@ -231,6 +231,7 @@ class MultistepPlan:
     def __post_init__(self):
         # the fold is planning: made here, once, rather than in the first run of the plan
         self._fused_run()
+        _make_state_weights(self)
 
     @property
     def nfe(self) -> int:
@@ -453,8 +454,18 @@ def _state_weights(plan: MultistepPlan, table: list, dtype: torch.dtype) -> list
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     found = plan._state_weight_tensors.get(compute)
     if found is None:
-        found = plan._state_weight_tensors[compute] = [torch.tensor(st.a, dtype=compute) for st in table]
+        # normal tensors even when the plan is made under inference_mode: a later run may record autograd
+        with torch.inference_mode(False):
+            found = plan._state_weight_tensors[compute] = [torch.tensor(st.a, dtype=compute) for st in table]
     return found
+
+
+def _make_state_weights(plan: MultistepPlan) -> None:
+    """Both compute dtypes' state weights, made with the plan (planning, not the step loop)."""
+    fused = plan._fused[0]
+    if fused is not None and not fused[3]:
+        for dtype in (torch.float32, torch.float64):
+            _state_weights(plan, fused[2], dtype)
 
 
 def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
