@@ -340,8 +340,8 @@ def sample(
             start at ``t_max`` with the default solver.
         start_bridge: with a truncated start, integrate the skipped top of the schedule with the data
             prediction made at the start (:func:`bridged_plan`; deterministic solvers that evaluate
-            there: not ``fv`` or stochastic ones). No extra evaluation; ``False`` starts from
-            ``sigma * noise`` as it is.
+            there: not ``fv``, stochastic solvers or HEROISM's score form; docs/algorithms/truncation.md).
+            No extra evaluation; ``False`` starts from ``sigma * noise`` as it is.
         return_info: also return a :class:`SampleInfo`.
         **options: solver options (``order=``, ...); unknown ones raise ``ValueError``.
 
