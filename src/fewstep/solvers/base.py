@@ -224,8 +224,8 @@ class MultistepPlan:
     #: ``((fused steps, history, loop table, stochastic) or None,)``, made with the plan (plans are
     #: cached and reused between calls, so this is once)
     _fused: Any = field(default=None, init=False, repr=False, compare=False)
-    #: the fused steps' state weights as 0-dim CPU tensors, one list per compute dtype
-    #: (:func:`_state_weights`), made on the plan's first run in that dtype
+    #: the fused deterministic steps' state weights as 0-dim CPU tensors, one list per compute dtype
+    #: (:func:`_make_state_weights`), made with the plan
     _state_weight_tensors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -446,26 +446,18 @@ def run_multistep(plan: MultistepPlan, x: torch.Tensor, noise: Callable[[int], t
     return x_tilde
 
 
-def _state_weights(plan: MultistepPlan, table: list, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Each fused step's state weight ``a`` as a 0-dim CPU tensor in the dtype a Python float would
-    be used in (float64 for double states, float32 otherwise: the same bits). ``out.mul_(a)`` with a
-    Python float wraps it in a new tensor on every call, about 1.5 us of a 20 us step; a 0-dim CPU
-    tensor is passed to the kernel as a scalar on every device (no transfer, no sync)."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    found = plan._state_weight_tensors.get(compute)
-    if found is None:
-        # normal tensors even when the plan is made under inference_mode: a later run may record autograd
-        with torch.inference_mode(False):
-            found = plan._state_weight_tensors[compute] = [torch.tensor(st.a, dtype=compute) for st in table]
-    return found
-
-
 def _make_state_weights(plan: MultistepPlan) -> None:
-    """Both compute dtypes' state weights, made with the plan (planning, not the step loop)."""
+    """Each fused deterministic step's state weight ``a`` as a 0-dim CPU tensor, in float32 and
+    float64 (the dtypes a Python float is used in: the same bits), made with the plan. ``out.mul_(a)``
+    with a Python float wraps it in a new tensor on every call, about 1.5 us of a 20 us step; a 0-dim
+    CPU tensor is passed to the kernel as a scalar on every device (no transfer, no sync)."""
     fused = plan._fused[0]
-    if fused is not None and not fused[3]:
+    if fused is None or fused[3]:
+        return
+    # normal tensors even when the plan is made under inference_mode: a later run may record autograd
+    with torch.inference_mode(False):
         for dtype in (torch.float32, torch.float64):
-            _state_weights(plan, fused[2], dtype)
+            plan._state_weight_tensors[dtype] = [torch.tensor(st.a, dtype=dtype) for st in fused[2]]
 
 
 def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
@@ -476,7 +468,8 @@ def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
     history: list[torch.Tensor] = []
     scales: list[float] = []
     z = None
-    state_weights = None if stochastic else _state_weights(plan, table, x.dtype)
+    state_weights = None if stochastic else plan._state_weight_tensors[
+        torch.float64 if x.dtype == torch.float64 else torch.float32]
     for i, (a, first, rest, step, nodes, t_next) in enumerate(table):
         if i == 0 and plan.free_first:
             d, s = x, 1.0 / plan.initial_scale
