@@ -158,6 +158,7 @@ class Model:
         self.calls = 0
         self._times: dict = {}
         self._coefficients: dict = {}  # (node, view, prediction) -> (cx, co): nodes recur call after call
+        self._steps: dict = {}  # (node, view, prediction, batch, dtype, device) -> (time tensor, cx, co)
 
     # ------------------------------------------------------------------ construction helpers
     def with_cond(self, **cond) -> "Model":
@@ -217,15 +218,25 @@ class Model:
         k = len(xs)
         if k == 1:  # one state, one time: the common case, kept short (it runs once per step)
             x, node = xs[0], nodes[0]
-            mt = self._time_tensor((node.model_time,), (x.shape[0],), x)
+            # a plan's nodes recur call after call: one lookup finds the time tensor and the view's
+            # coefficients (the prediction type is in the key: copies of a model share this dict)
+            key = (node, view, self.prediction, x.shape[0], x.dtype, x.device)
+            found = self._steps.get(key)
+            if found is None:
+                if len(self._steps) >= 4096:
+                    self._steps.clear()
+                found = self._steps[key] = (self._time_tensor((node.model_time,), (x.shape[0],), x),
+                                            *self._view_coefficients_at(node, view))
+            mt, cx, co = found
             x_in = x if (self.dtype is None or x.dtype == self.dtype) else x.to(self.dtype)
             out = self.raw(x_in, mt, cond)
             self.calls += 1
             self.nfe += 1
-            out = self._check_output(out, x_in)
+            if not (type(out) is torch.Tensor and out.shape == x_in.shape and out.device == x_in.device
+                    and out.is_floating_point()):
+                out = self._check_output(out, x_in)  # the checks, with their messages
             if out.dtype != x.dtype:
                 out = out.to(x.dtype)
-            cx, co = self._view_coefficients_at(node, view)
             return [combine_view(x, out, cx, co, scaled)]
         x = torch.cat(list(xs), dim=0)
         counts = [xi.shape[0] for xi in xs] if k > 1 else [x.shape[0]]
