@@ -420,3 +420,135 @@ def test_trial_starts_keep_the_best_of_each_kind():
     assert [name for _, name, _ in loop._trial_starts(scored, 1)] == ["a"]
     mixed = [scored[0], scored[3], scored[1]]
     assert [name for _, name, _ in loop._trial_starts(mixed, 2)] == ["a", "d"]
+
+
+# ------------------------------------------------------------------------------ the truncation bridge
+def _bridged_params(sch, n=6, seed=9, corrector=False, lam=-3.6):
+    from fewstep.sample import truncated_start
+
+    params = random_params(sch, n, seed=seed, corrector=corrector)
+    grid = fewstep.grids.make("logsnr-open", sch, n, t_start=truncated_start(sch, lam))
+    params.start_logit = P.SolverParameters.from_grid(sch, grid).start_logit
+    params.bridge = True
+    return params
+
+
+@pytest.mark.parametrize("corrector", [False, True], ids=["plain", "corrector+gains"])
+def test_bridged_searched_solver_runs_exactly_the_searched_update(tmp_path, corrector):
+    """With ``bridge`` the searched solver (fewstep.sample) returns what the differentiable rollout
+    returns, to 1e-12: both read the bridge from step_table. The file is format version 3."""
+    from safetensors import safe_open
+
+    sch = linear_vp()
+    gm = testbeds.mixtures()["gmm16"]
+    params = _bridged_params(sch, corrector=corrector)
+    assert params.bridged
+    path = _save(tmp_path, params, sch)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["version"] == "3" and "start_bridge" in f.keys()
+    loaded = fileformat.load(path).params
+    assert loaded.bridge and torch.equal(loaded.start_logit, params.start_logit)
+    noise = torch.randn(32, 16, dtype=F64, generator=torch.Generator().manual_seed(5))
+    got, info = fewstep.sample(gm.model(sch, prediction="eps"), noise, solver="searched", path=path, nfe=6,
+                               return_info=True)
+    table = P.step_table(params, sch)
+    with torch.no_grad():
+        want, _ = R.rollout(R.differentiable_testbed(gm, sch), noise, table)
+    assert info.nfe == 6
+    assert float((got - want).abs().max()) < (1e-10 if corrector else 1e-12)
+    # the bridge is the weight a_0 w on D_0 in step 0 (and corrector row 1), nothing else
+    plain = P.step_table(P.SolverParameters(**{**params.__dict__, "bridge": False}), sch)
+    w = float(table.bridge_weight)
+    assert w == pytest.approx(float(sch.alpha(table.times[0]) - sch.sigma(table.times[0]) * sch.alpha(
+        torch.tensor(999.0, dtype=F64)) / sch.sigma(torch.tensor(999.0, dtype=F64))), rel=1e-12)
+    fold = torch.zeros(6, 6, dtype=F64)
+    fold[0, 0] = float(table.a[0]) * w
+    assert torch.allclose(table.weights - plain.weights, fold, rtol=0, atol=1e-15)
+    if corrector:
+        fold = torch.zeros(6, 6, dtype=F64)
+        fold[1, 0] = float(table.a[0]) * w
+        assert torch.allclose(table.corrector_weights - plain.corrector_weights, fold, rtol=0, atol=1e-15)
+    with torch.no_grad():
+        unbridged, _ = R.rollout(R.differentiable_testbed(gm, sch), noise, plain)
+    assert float((got - unbridged).abs().max()) > 1e-3
+
+
+def test_bridged_start_is_fewsteps_bridged_solver_and_its_weight_is_searched(tmp_path):
+    """A training-free grid from a truncated start with ``bridge``: exactly fewstep's own bridged
+    DPM-Solver++ (``start_bridge=True``) there; the bridge weight moves with the searched start, so
+    the loss's gradient in the start includes it (checked against finite differences)."""
+    from fewstep.sample import truncated_start
+
+    sch = linear_vp()
+    gm = testbeds.mixtures()["gmm16"]
+    model = gm.model(sch, prediction="eps")
+    noise = torch.randn(64, 16, dtype=F64, generator=torch.Generator().manual_seed(3))
+    grid = fewstep.grids.make("quadratic-open", sch, 6, t_start=truncated_start(sch, -3.24))
+    for order in (1, 2, 3):
+        params = P.SolverParameters.from_grid(sch, grid, base_order=order, bridge=True)
+        got = fewstep.sample(model, noise, solver="searched", path=_save(tmp_path, params, sch), nfe=6)
+        want = fewstep.sample(model, noise, solver="dpm++", order=order, nfe=6, grid="quadratic-open",
+                              start_logsnr=-3.24, start_bridge=True)
+        assert float((got - want).abs().max()) < 1e-10
+    # d w / d start_logit through the grid, against central differences
+    start = params.start_logit.clone().requires_grad_(True)
+    t0 = P.grid_from_logits(sch, "x0", params.time_logits, start)[0][0]
+    (grad,) = torch.autograd.grad(P.bridge_weight(sch, t0), start)
+
+    def w_at(s):
+        return float(P.bridge_weight(sch, P.grid_from_logits(sch, "x0", params.time_logits, s)[0][0]))
+
+    h = 1e-5
+    fd = (w_at(params.start_logit + h) - w_at(params.start_logit - h)) / (2 * h)
+    assert float(grad) == pytest.approx(fd, rel=1e-5)
+    traj = T.solve(model, noise[:16], 32)
+    _, with_bridge = loop.training_loss(R.differentiable_testbed(gm, sch), params, noise[:16], traj)
+    params.bridge = False
+    _, without = loop.training_loss(R.differentiable_testbed(gm, sch), params, noise[:16], traj)
+    assert abs(float(with_bridge[-1] - without[-1])) > 1e-6
+
+
+def test_bridge_off_is_the_old_behaviour(tmp_path):
+    """bridge=False (the default, and every file written before the bridge) changes nothing: the
+    table has no bridge weight and its weights are ``scale * M`` exactly, unbridged shipped files load
+    without the bridge and save as before (no ``start_bridge``, version <= 2), and a bridge without a
+    searched start is no bridge."""
+    from safetensors import safe_open
+
+    sch = linear_vp()
+    for name in ("gmm16-nfe8", "gmm64-nfe5", "gmm2d-nfe10"):  # unbridged shipped files (with and without a start)
+        f = fileformat.load(fewstep.solvers.searched.resolve_path(name))
+        assert f.params.bridge is False and not f.params.bridged
+        table = P.step_table(f.params, sch)
+        assert table.bridge_weight is None
+        assert torch.equal(table.weights, table.scale[:, None] * table.matrix)
+        assert torch.allclose(table.weights, f.stored["weights"], rtol=1e-9, atol=1e-12)
+        path = _save(tmp_path, f.params, sch)
+        with safe_open(path, framework="pt") as g:
+            assert "start_bridge" not in g.keys()
+            assert g.metadata()["version"] == ("2" if f.params.start_logit is not None else "1")
+        assert fileformat.load(path).params.bridge is False
+    p = random_params(sch, 5, seed=2)
+    with_flag = P.SolverParameters(**{**p.__dict__, "bridge": True})
+    assert not with_flag.bridged
+    assert torch.equal(P.step_table(with_flag, sch).weights, P.step_table(p, sch).weights)
+    with pytest.raises(ValueError, match="bridge: the truncation bridge is searched in the data view"):
+        P.SolverParameters("velocity", 1, p.time_logits, p.corrections, bridge=True)
+    labels = [name for name, q in loop.candidates(sch, 5, "x0", truncate=True, bridge=True) if q.bridged]
+    assert len(labels) == 2 * len(loop.INIT_GRIDS) * 3 * len(loop.INIT_SHARES)
+    assert all("(bridged)" in name for name in labels)
+    assert not any(q.bridge for _, q in loop.candidates(sch, 5, "x0", truncate=True))
+
+
+def test_cli_search_with_the_bridge(tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "b.safetensors"
+    rc = main(["search", "--model", "gmm2d", "--nfe", "4", "--samples", "24", "--val-samples", "8", "--iterations",
+               "4", "--teacher-steps", "12", "--no-cache", "--quiet", "--bridge", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    solver = fileformat.load(out)
+    # the bridge is recorded where it acts: with a searched start
+    assert solver.params.bridge == (solver.params.start_logit is not None)
+    assert ("with the truncation bridge" in printed) == solver.params.bridge

@@ -17,6 +17,7 @@ process takes the same optimiser steps, and rank 0 writes the file.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import shlex
 import sys
@@ -58,6 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-truncate", action="store_true",
                    help="keep the first node at t_max (by default the search may also start lower, from "
                         "pure noise there, and searches where)")
+    p.add_argument("--bridge", action=argparse.BooleanOptionalAction, default=False,
+                   help="with a searched start, fit the coefficients with the truncation bridge (the first "
+                        "state reads x_0 + w(t_0) D_0, no extra evaluation; data view only; default: off)")
     p.add_argument("--teacher-steps", type=int, default=100,
                    help="evaluations per sample of the teacher, DPM-Solver++(3M) on a log-SNR grid (default 100)")
     p.add_argument("--labels", choices=LABEL_MODES, default=None,
@@ -187,7 +191,8 @@ def _search_all(args, nfes, ctx) -> int:
         res = search(
             model, nfe, samples=args.samples, val_samples=args.val_samples, seed=args.seed,
             iterations=args.iterations, optimizer=args.optimizer, batch=args.batch, lr=args.lr,
-            mid_weight=args.mid_weight, offsets=not args.no_offsets, free_sums=args.free_sums, corrector=args.corrector, truncate=not args.no_truncate, teacher_steps=args.teacher_steps,
+            mid_weight=args.mid_weight, offsets=not args.no_offsets, free_sums=args.free_sums, corrector=args.corrector, truncate=not args.no_truncate,
+            bridge=args.bridge, teacher_steps=args.teacher_steps,
             cond_fn=cond_fn, exact_end=exact_end, exact_name=exact_name, time_budget=args.time_budget,
             cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=main and not args.quiet, log=say,
             ctx=ctx,
@@ -219,4 +224,5 @@ def _start_text(params, schedule) -> str:
 
     with torch.no_grad():
         t0 = step_table(params, schedule).times[0]
-    return f"starts at t={float(t0):.4g} (log-SNR {float(schedule.lambda_(t0)):.3g}) from pure noise"
+    bridged = ", with the truncation bridge" if params.bridged else ""
+    return f"starts at t={float(t0):.4g} (log-SNR {float(schedule.lambda_(t0)):.3g}) from pure noise{bridged}"

@@ -4,7 +4,9 @@ Tensors (float64):
 
 * ``time_logits`` ``(N,)``, ``corrections`` ``(N, N)``, ``time_offsets`` ``(N,)`` and ``gains``
   ``(N,)`` (optional; zeros when absent), ``corrector`` ``(N, N)`` and ``start_logit`` ``(1,)``
-  (optional; a file with ``start_logit`` is format version 2, so older readers refuse it): the searched
+  (optional; a file with ``start_logit`` is format version 2, so older readers refuse it), and
+  ``start_bridge`` (optional, a 0-d flag, 1: the searched start carries the truncation bridge; such a
+  file is format version 3, so a reader that does not know the bridge refuses it): the searched
   parameters (what the solver is rebuilt from, through
   :func:`fewstep.search.parameterisation.step_table`);
 * ``times``, ``eval_times``, ``a``, ``weights``: the resulting grid, the times the network is told,
@@ -44,7 +46,7 @@ from .parameterisation import SolverParameters, step_table
 __all__ = ["FORMAT", "VERSION", "SearchedFile", "save", "load", "check_schedule", "ScheduleMismatch"]
 
 FORMAT = "fewstep-searched-solver"
-VERSION = 2
+VERSION = 3
 F64 = torch.float64
 
 
@@ -102,10 +104,13 @@ def save(path, params: SolverParameters, schedule: Schedule, *, prediction: str,
         tensors["corrector_weights"] = table.corrector_weights.contiguous()
     if p.start_logit is not None:
         tensors["start_logit"] = p.start_logit.to(F64).contiguous()
+    if p.bridged:
+        tensors["start_bridge"] = torch.ones((), dtype=F64)
     meta = {
         "format": FORMAT,
-        # version 1 files (no searched start) stay readable by fewstep releases that know only those
-        "version": str(VERSION if p.start_logit is not None else 1),
+        # version 1 files (no searched start) stay readable by fewstep releases that know only those,
+        # version 2 (a searched start without the bridge) by those that know no bridge
+        "version": str(3 if p.bridged else 2 if p.start_logit is not None else 1),
         "nfe": str(p.nfe),
         "view": p.view,
         "base_order": str(p.base_order),
@@ -142,11 +147,15 @@ def load(path) -> SearchedFile:
             raise ValueError(f"path: {path!r} lacks the tensor {key!r}")
     offsets, gains, corrector = tensors.get("time_offsets"), tensors.get("gains"), tensors.get("corrector")
     start = tensors.get("start_logit")
+    bridge = tensors.get("start_bridge")
+    bridge = bridge is not None and bool(bridge.reshape(-1)[0] != 0)
+    if bridge and start is None:
+        raise ValueError(f"path: {path!r} has the truncation bridge but no searched start")
     params = SolverParameters(meta["view"], int(meta["base_order"]), tensors["time_logits"].to(F64),
                               tensors["corrections"].to(F64), None if offsets is None else offsets.to(F64),
                               None if gains is None else gains.to(F64),
                               None if corrector is None else corrector.to(F64),
-                              None if start is None else start.to(F64))
+                              None if start is None else start.to(F64), bridge)
     if params.nfe != int(meta["nfe"]):
         raise ValueError(f"path: {path!r} says nfe={meta['nfe']} but stores {params.nfe} time parameters")
     return SearchedFile(

@@ -188,9 +188,11 @@ def _check_differentiable(model: Model, view: str) -> None:
     model.nfe, model.calls = nfe, calls
 
 
-def candidates(schedule, nfe: int, view: str, truncate: bool = False) -> list[tuple[str, SolverParameters]]:
+def candidates(schedule, nfe: int, view: str, truncate: bool = False,
+               bridge: bool = False) -> list[tuple[str, SolverParameters]]:
     """The training-free solvers the search space contains at this NFE, as starting points (with
-    ``truncate``, also from the truncated starts :data:`INIT_STARTS`, with the start searched)."""
+    ``truncate``, also from the truncated starts :data:`INIT_STARTS`, with the start searched; with
+    ``bridge`` those carry the truncation bridge)."""
     from ..sample import truncated_start
 
     out = []
@@ -209,12 +211,12 @@ def candidates(schedule, nfe: int, view: str, truncate: bool = False) -> list[tu
             for share in INIT_SHARES:
                 try:
                     p = SolverParameters.from_grid(schedule, _compressed(schedule, view, times, share),
-                                                   base_order=order, view=view)
+                                                   base_order=order, view=view, bridge=bridge)
                 except ValueError:
                     continue
                 label = f"{names[order]} on the {grid} grid"
                 if lam is not None:
-                    label += f" from log-SNR {lam:g}"
+                    label += f" from log-SNR {lam:g}" + (" (bridged)" if p.bridged else "")
                 if share:
                     label += f" ending {share:g} of the {'log-SNR' if view == 'x0' else 'time'} range early"
                 out.append((label, p))
@@ -250,6 +252,7 @@ def search(
     free_sums: bool = False,
     corrector: bool = False,
     truncate: bool = True,
+    bridge: bool = False,
     teacher_steps: int = 100,
     view: str | None = None,
     base: int | None = None,
@@ -290,6 +293,9 @@ def search(
         truncate: also start from truncated grids (sampling begins from pure noise below ``t_max``,
             see :mod:`~fewstep.search.parameterisation`) and search where the solver starts;
             ``False`` keeps node 0 at ``t_max``.
+        bridge: with a searched start, apply the truncation bridge inside the search space (the first
+            state is read as ``x_0 + w(t_0) D_0``, :mod:`~fewstep.search.parameterisation`), so the
+            coefficients are fitted with it; ``view="x0"`` only.
         teacher_steps: the teacher's evaluations per sample (DPM-Solver++(3M) on a log-SNR grid).
         view: ``"x0"`` or ``"velocity"`` (default: by schedule, see
             :func:`~fewstep.search.parameterisation.default_view`).
@@ -372,7 +378,9 @@ def search(
     probe_n = min(samples, 64)
     probe = slice(0, int((train_idx < probe_n).sum()))
     probe_cond = _batch_cond(train_cond, probe, n_train)
-    options = candidates(sch, nfe, view, truncate=truncate)
+    if bridge and view != "x0":
+        raise ValueError(f"bridge: the truncation bridge is searched in the data view (view='x0'), got view={view!r}")
+    options = candidates(sch, nfe, view, truncate=truncate, bridge=bridge)
     if corrector:
         options = [(n, p.with_corrector()) for n, p in options]
     if base is not None:

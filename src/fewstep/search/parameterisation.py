@@ -30,6 +30,13 @@ The parameters are
   steps do), and the softmax shares above divide the rest of the range. The evaluation the top of the
   schedule would cost goes to the part of the flow that matters; the search weighs that against the
   ``alpha(t_0) E[x0]`` it neglects.
+* ``bridge`` (a flag, not searched; ``view="x0"`` only): with a searched start, the *truncation
+  bridge* (:func:`fewstep.solvers.base.start_bridge_weight`) is part of the update: the first state
+  ``x_0 = sigma(t_0) noise`` is read as ``x_0 + w(t_0) D_0`` with
+  ``w = alpha(t_0) - sigma(t_0) alpha(t_max) / sigma(t_max)`` -- the skipped top of the flow
+  integrated with the data prediction made at node 0, at no extra evaluation. Only the steps that
+  read ``x_0`` change: step 0 gets ``a_0 w`` more weight on ``D_0`` (and so does corrector row 1).
+  ``w`` is differentiable in the start, so the search fits the coefficients *with* the bridge.
 * ``corrections`` (strictly lower triangle of an ``N x N`` matrix): additive changes to the weights of
   past predictions; each row's diagonal absorbs minus their sum, so every row of ``M`` sums to one
   *exactly* (a constant prediction is integrated exactly, as the paper's constraint requires).
@@ -76,6 +83,7 @@ __all__ = [
     "grid_from_logits",
     "base_matrix",
     "step_table",
+    "bridge_weight",
 ]
 
 F64 = torch.float64
@@ -123,6 +131,8 @@ class SolverParameters:
     corrector: torch.Tensor | None = None
     #: ``(1,)`` or ``None``: the searched truncated start (see the module docstring; ``None``: ``t_max``)
     start_logit: torch.Tensor | None = None
+    #: the truncation bridge at a searched start (see the module docstring; no effect without one)
+    bridge: bool = False
 
     def __post_init__(self):
         if self.view not in VIEWS:
@@ -146,6 +156,15 @@ class SolverParameters:
             raise ValueError(f"corrector: expected shape ({n}, {n}), got {tuple(self.corrector.shape)}")
         if self.start_logit is not None and tuple(self.start_logit.shape) != (1,):
             raise ValueError(f"start_logit: expected shape (1,), got {tuple(self.start_logit.shape)}")
+        if not isinstance(self.bridge, bool):
+            raise TypeError(f"bridge: expected True or False, got {self.bridge!r}")
+        if self.bridge and self.view != "x0":
+            raise ValueError(f"bridge: the truncation bridge is searched in the data view (view='x0'), got view={self.view!r}")
+
+    @property
+    def bridged(self) -> bool:
+        """Whether the truncation bridge is applied (a searched start with ``bridge``)."""
+        return self.bridge and self.start_logit is not None
 
     @property
     def nfe(self) -> int:
@@ -162,7 +181,8 @@ class SolverParameters:
                                 self.corrections.detach().clone(), self.time_offsets.detach().clone(),
                                 self.gains.detach().clone(),
                                 None if self.corrector is None else self.corrector.detach().clone(),
-                                None if self.start_logit is None else self.start_logit.detach().clone())
+                                None if self.start_logit is None else self.start_logit.detach().clone(),
+                                self.bridge)
 
     def tensors(self) -> list[torch.Tensor]:
         """``[time_logits, corrections, time_offsets, gains]``, then ``corrector`` and ``start_logit``
@@ -179,18 +199,21 @@ class SolverParameters:
         return p
 
     @classmethod
-    def from_grid(cls, schedule: Schedule, times, *, base_order: int = 1, view: str | None = None) -> "SolverParameters":
+    def from_grid(cls, schedule: Schedule, times, *, base_order: int = 1, view: str | None = None,
+                  bridge: bool = False) -> "SolverParameters":
         """Parameters reproducing a training-free solver: the grid ``times`` (decreasing), DPM-Solver++ /
         Adams–Bashforth of ``base_order``, zero corrections. A grid starting at ``t_max`` gives no
         searched start; one starting lower (inside the first :data:`START_RANGE` of the range) gives a
-        searched start there, from ``sigma(times[0]) * noise``.
+        searched start there, from ``sigma(times[0]) * noise`` (with ``bridge``, plus the truncation
+        bridge: then it is fewstep's bridged solver on that truncated grid).
 
         A last node at ``t_min`` moves up by :data:`END_SLACK` of its interval (a softmax share cannot
         be zero); every other node is reproduced to rounding."""
         view = view or default_view(schedule)
         logits, start = logits_from_grid(schedule, times, view)
         n = logits.numel()
-        return cls(view, base_order, logits, torch.zeros(n, n, dtype=F64), start_logit=start)
+        return cls(view, base_order, logits, torch.zeros(n, n, dtype=F64), start_logit=start,
+                   bridge=bridge and view == "x0")
 
 
 @dataclass
@@ -214,10 +237,16 @@ class StepTable:
     #: ``(N, N)`` or ``None``: row ``i >= 1`` recomputes the state at node ``i`` once ``D_i`` is known,
     #: ``x_i = a[i - 1] x_{i-1} + sum_{j <= i} corrector_weights[i, j] D_j`` (row 0 is unused)
     corrector_weights: torch.Tensor | None = None
+    #: the truncation bridge's weight ``w(t_0)`` as a 0-d tensor (``None``: no bridge): the first state
+    #: is read as ``x_0 + w D_0``, which :attr:`weights` (and ``corrector_weights``) fold in
+    bridge_weight: torch.Tensor | None = None
 
     @property
     def weights(self) -> torch.Tensor:
-        return self.scale[:, None] * self.matrix
+        w = self.scale[:, None] * self.matrix
+        if self.bridge_weight is not None:
+            w = w + _first_entry(w.shape[0], w.shape[1], 0) * (self.a[0] * self.bridge_weight)
+        return w
 
     @property
     def nfe(self) -> int:
@@ -414,6 +443,8 @@ def step_table(params: SolverParameters, schedule: Schedule) -> StepTable:
     table = _table(schedule, view, times, coords, eval_times, matrix)
     if params.start_logit is not None:
         table.start_sigma = schedule.sigma(times[0])
+        if params.bridge:
+            table.bridge_weight = bridge_weight(schedule, times[0])
     if params.corrector is not None:
         table.corrector_weights = _corrector_weights(table, params.corrector)
     return table
@@ -427,7 +458,26 @@ def _corrector_weights(table: StepTable, corrector: torch.Tensor) -> torch.Tenso
     shifted = torch.cat([torch.zeros(1, n, dtype=F64), table.matrix[:-1]])  # row i: predictor row i - 1
     moved = shifted + low - torch.diag(low.sum(1))
     scale = torch.cat([torch.zeros(1, dtype=F64), table.scale[:-1]])
-    return scale[:, None] * moved
+    out = scale[:, None] * moved
+    if table.bridge_weight is not None and n > 1:
+        # row 1 restarts from the first state, read as x_0 + w D_0 (as predictor row 0)
+        out = out + _first_entry(n, n, 1) * (table.a[0] * table.bridge_weight)
+    return out
+
+
+def _first_entry(rows: int, cols: int, row: int) -> torch.Tensor:
+    """A ``rows x cols`` float64 matrix with a one at ``(row, 0)``."""
+    e = torch.zeros(rows, cols, dtype=F64)
+    e[row, 0] = 1.0
+    return e
+
+
+def bridge_weight(schedule: Schedule, t0: torch.Tensor) -> torch.Tensor:
+    """The truncation bridge's weight at a start ``t0`` below ``t_max`` (differentiable in ``t0``):
+    ``alpha(t0) - sigma(t0) alpha(t_max) / sigma(t_max)``, the same number as
+    :func:`fewstep.solvers.base.start_bridge_weight`."""
+    top = torch.tensor(float(schedule.t_max), dtype=F64)
+    return schedule.alpha(t0) - schedule.sigma(t0) * (schedule.alpha(top) / schedule.sigma(top))
 
 
 def _end_coord(view: str) -> float:
