@@ -552,3 +552,25 @@ def test_cli_search_with_the_bridge(tmp_path, capsys):
     # the bridge is recorded where it acts: with a searched start
     assert solver.params.bridge == (solver.params.start_logit is not None)
     assert ("with the truncation bridge" in printed) == solver.params.bridge
+
+
+# ------------------------------------------------------------------------- steps outside the schedule
+def test_parameters_outside_the_schedule_are_a_clear_error_and_the_search_steps_back():
+    """Parameters that give NaN times are a clear error from step_table (naming the parameters), not
+    an index error from the schedule; an L-BFGS trial step whose loss is not finite makes the line
+    search step back, and Adam stops there: both return a finite solver no worse than the start."""
+    sch = linear_vp()
+    gm = testbeds.GaussianMixture([[0.6, 0.2, 0.0], [-0.5, -0.3, 0.2]], [0.6, 0.4], 0.35)
+    params = random_params(sch, 4, seed=1)
+    params.time_offsets = torch.tensor([0.0, math.nan, 0.0, 0.0], dtype=F64)
+    with pytest.raises(P.NonFiniteTimes, match="params: the searched parameters give non-finite times"):
+        P.step_table(params, sch)
+    model = R.differentiable_testbed(gm, sch)
+    for optimizer in ("lbfgs", "adam"):
+        # lr = 1e3 sends the first trial (L-BFGS) or the first step (Adam) far outside the schedule
+        res = loop.search(model, 4, samples=32, val_samples=16, iterations=12, teacher_steps=40, starts=1, lr=1e3,
+                          optimizer=optimizer, batch=16, exact_end=lambda n: gm.reference(n, sch),
+                          exact_name="exact-3d", use_cache=False)
+        assert all(bool(torch.isfinite(t).all()) for t in res.params.tensors())
+        assert math.isfinite(res.val_rmse) and res.val_rmse <= res.val_rmse_init
+        P.step_table(res.params, sch)  # runs

@@ -49,7 +49,8 @@ from .. import grids as _grids
 from ..distributed import Context
 from ..model import Model
 from . import teacher as _teacher
-from .parameterisation import SolverParameters, _to_coord, _to_time, coordinate_range, default_view, step_table
+from .parameterisation import (NonFiniteTimes, SolverParameters, _to_coord, _to_time, coordinate_range, default_view,
+                               step_table)
 from .rollout import differentiable_view, rollout
 
 __all__ = ["search", "SearchResult", "evaluate_rmse", "training_loss", "search_noise", "shard", "NOISE_SEED_OFFSET",
@@ -68,6 +69,8 @@ INIT_SHARES = (0.0, 0.03, 0.1)
 #: searched start: where fewstep's default sampler started below NFE 13 when the bundled solvers
 #: were searched (-3.24, or -4.1 at NFE 10-12; now -3.24 throughout, ``sample.py``).
 INIT_STARTS = (-3.24, -4.1)
+#: the loss an L-BFGS line-search trial outside the schedule gets (see ``_advance_lbfgs``)
+REJECTED_LOSS = 1e30
 
 
 @dataclass
@@ -130,6 +133,16 @@ def _sum_over_ranks(values: list[float], ctx: Context | None) -> list[float]:
 
 
 @torch.no_grad()
+def _times_finite(params: SolverParameters, schedule) -> bool:
+    try:
+        with torch.no_grad():
+            step_table(params, schedule)
+    except NonFiniteTimes:
+        return False
+    return True
+
+
+@torch.no_grad()  # a score: no graph through the rollout
 def evaluate_rmse(model: Model, params: SolverParameters, noise: torch.Tensor, target: torch.Tensor,
                   cond: Mapping | None = None, chunk: int = 256, ctx: Context | None = None) -> float:
     """RMSE of the searched update's end point to ``target`` (over every sample and coordinate).
@@ -522,6 +535,8 @@ class _Fit:
         chunks and ranks is the global mean: the number and gradient one process would compute.
         """
         total_loss, total_end = 0.0, 0.0
+        if self.samples == 0 and not _times_finite(params, self.schedule):
+            raise NonFiniteTimes("params: outside the schedule")  # as the ranks with samples raise
         for lo in range(0, self.samples, self.chunk):
             index = torch.arange(lo, min(lo + self.chunk, self.samples))
             l, e = self.loss(params, index, index.numel() / self.global_samples)
@@ -574,7 +589,10 @@ class _Fit:
         return run
 
     def _measure(self, run: _Run, train_rmse: float) -> None:
-        val = self.validate(run.params)
+        try:
+            val = self.validate(run.params)
+        except NonFiniteTimes:
+            val = math.inf  # never the best point; counts towards the early stop
         run.history.append((self.evals, train_rmse, val))
         if math.isfinite(val) and val < run.best[0]:
             run.best, run.stale = (val, run.params.detached(), self.evals), 0
@@ -600,8 +618,18 @@ class _Fit:
 
         def closure():
             run.opt.zero_grad(set_to_none=True)
-            total_loss, total_end = self.full_loss(run.params, run.searched)
+            try:
+                total_loss, total_end = self.full_loss(run.params, run.searched)
+            except NonFiniteTimes:
+                total_loss = total_end = math.nan
             self._tick()
+            if not math.isfinite(total_loss):
+                # a line-search trial outside the schedule, or one whose rollout overflows (the loss is
+                # summed over ranks, so every rank lands here): a huge finite loss with no gradient
+                # makes the strong-Wolfe search step back (NaN or inf would poison its interpolation)
+                run.opt.zero_grad(set_to_none=True)
+                last["train"] = math.inf
+                return torch.tensor(REJECTED_LOSS, dtype=F64)
             last["train"] = math.sqrt(total_end)
             return torch.tensor(total_loss, dtype=F64)
 
@@ -636,7 +664,15 @@ class _Fit:
             run.opt.zero_grad(set_to_none=True)
             e = 0.0
             if local.numel():
-                _, e = self.loss(run.params, local, local.numel() / index.numel())
+                try:
+                    _, e = self.loss(run.params, local, local.numel() / index.numel())
+                except NonFiniteTimes:
+                    # Adam cannot take the step back: stop, keeping the best validated point
+                    run.stop = f"stopped at iteration {run.step}: the parameters left the schedule (lower lr)"
+                    return
+            elif not _times_finite(run.params, self.schedule):  # a rank without samples stops with the others
+                run.stop = f"stopped at iteration {run.step}: the parameters left the schedule (lower lr)"
+                return
             self._sync(run.searched)
             e = _sum_over_ranks([e], self.ctx)[0]
             run.opt.step()

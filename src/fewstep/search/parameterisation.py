@@ -84,6 +84,7 @@ __all__ = [
     "base_matrix",
     "step_table",
     "bridge_weight",
+    "NonFiniteTimes",
 ]
 
 F64 = torch.float64
@@ -425,6 +426,11 @@ def correction_matrix(corrections: torch.Tensor) -> torch.Tensor:
     return low - torch.diag(low.sum(1))
 
 
+class NonFiniteTimes(ValueError):
+    """The parameters put a node, or a time told to the network, outside the schedule (NaN): an
+    optimiser step far out, such as an L-BFGS line-search trial (the search steps back from it)."""
+
+
 def step_table(params: SolverParameters, schedule: Schedule) -> StepTable:
     """Map searched parameters and a schedule to every step's coefficients (float64, differentiable).
 
@@ -440,6 +446,10 @@ def step_table(params: SolverParameters, schedule: Schedule) -> StepTable:
     # GAS search); written as a difference so that zero offsets give exactly the grid times
     shift = _to_time(schedule, view, coords + params.time_offsets.to(F64)) - _to_time(schedule, view, coords)
     eval_times = (times + shift).clamp(schedule.t_min, schedule.t_max)
+    if not (bool(torch.isfinite(times).all()) and bool(torch.isfinite(eval_times).all())):
+        raise NonFiniteTimes(f"params: the searched parameters give non-finite times (grid {times.tolist()}, "
+                             f"network times {eval_times.tolist()}); time_logits, start_logit or time_offsets "
+                             "are far outside the schedule")
     table = _table(schedule, view, times, coords, eval_times, matrix)
     if params.start_logit is not None:
         table.start_sigma = schedule.sigma(times[0])
