@@ -110,7 +110,7 @@ def save(path, params: SolverParameters, schedule: Schedule, *, prediction: str,
         "format": FORMAT,
         # version 1 files (no searched start) stay readable by fewstep releases that know only those,
         # version 2 (a searched start without the bridge) by those that know no bridge
-        "version": str(3 if p.bridged else 2 if p.start_logit is not None else 1),
+        "version": str(VERSION if p.bridged else 2 if p.start_logit is not None else 1),
         "nfe": str(p.nfe),
         "view": p.view,
         "base_order": str(p.base_order),

@@ -135,14 +135,13 @@ def _sum_over_ranks(values: list[float], ctx: Context | None) -> list[float]:
 @torch.no_grad()
 def _times_finite(params: SolverParameters, schedule) -> bool:
     try:
-        with torch.no_grad():
-            step_table(params, schedule)
+        step_table(params, schedule)
     except NonFiniteTimes:
         return False
     return True
 
 
-@torch.no_grad()  # a score: no graph through the rollout
+@torch.no_grad()
 def evaluate_rmse(model: Model, params: SolverParameters, noise: torch.Tensor, target: torch.Tensor,
                   cond: Mapping | None = None, chunk: int = 256, ctx: Context | None = None) -> float:
     """RMSE of the searched update's end point to ``target`` (over every sample and coordinate).
@@ -663,14 +662,13 @@ class _Fit:
             local = index[index % world == rank] // world  # the ones this rank holds (see `shard`)
             run.opt.zero_grad(set_to_none=True)
             e = 0.0
-            if local.numel():
-                try:
+            try:
+                if local.numel():
                     _, e = self.loss(run.params, local, local.numel() / index.numel())
-                except NonFiniteTimes:
-                    # Adam cannot take the step back: stop, keeping the best validated point
-                    run.stop = f"stopped at iteration {run.step}: the parameters left the schedule (lower lr)"
-                    return
-            elif not _times_finite(run.params, self.schedule):  # a rank without samples stops with the others
+                elif not _times_finite(run.params, self.schedule):  # a rank without samples stops too
+                    raise NonFiniteTimes("params: outside the schedule")
+            except NonFiniteTimes:
+                # Adam cannot take the step back: stop, keeping the best validated point
                 run.stop = f"stopped at iteration {run.step}: the parameters left the schedule (lower lr)"
                 return
             self._sync(run.searched)
