@@ -7,6 +7,7 @@ import torch
 import fewstep
 from fewstep import grids, schedules, testbeds
 from fewstep.model import view_coefficients
+from fewstep.sample import FiniteGuard
 
 F64 = torch.float64
 
@@ -361,6 +362,42 @@ def test_network_returning_nan_names_step_and_time():
     model = fewstep.Model(net, schedule=sch, prediction="x0")
     with pytest.raises(fewstep.SamplingError, match=r"ddim: .*NaN or Inf at step 5 \(t=0\.\d+"):
         fewstep.sample(model, torch.randn(2, 3), solver="ddim", nfe=8, grid="karras")
+
+
+@pytest.mark.parametrize("solver, options", [("ddim", {}), ("dpm++", {"order": 2}), ("dpm++", {"order": 3}),
+                                             ("unipc", {"order": 3}), ("deis", {}), ("ipndm", {}),
+                                             ("heun", {}), ("heroism", {"order": 3})])
+@pytest.mark.parametrize("where, nfe", [("everywhere", 10), ("one element", 13)])
+def test_nan_stops_sampling_soon_and_names_its_step(solver, options, where, nfe):
+    # Multistep solvers' answers are checked through the state every few steps (FiniteGuard,
+    # Evaluate.carried): the error must still name the first bad evaluation, and sampling must stop
+    # within CARRIED_CHECK_EVERY evaluations of it. Others are checked at once.
+    sch = schedules.EDM()
+    calls = []
+
+    def net(x, sigma):
+        calls.append(float(sigma[0]))
+        out = x * 0.1
+        if float(sigma[0]) < 1.0:
+            out = out.clone()
+            if where == "everywhere":
+                out.fill_(float("nan"))
+            else:
+                out[1, 2] = float("inf")
+        return out
+
+    model = fewstep.Model(net, schedule=sch, prediction="x0")
+    with pytest.raises(fewstep.SamplingError, match=r"NaN or Inf at step (\d+) \(t=([\d.e-]+)\)") as err:
+        fewstep.sample(model, torch.randn(2, 3, dtype=F64), solver=solver, nfe=nfe, grid="karras", **options)
+    first_bad = next(k for k, s in enumerate(calls) if s < 1.0)
+    t_bad = calls[first_bad]  # EDM: the model time is sigma
+    step, t = err.value.args[0].split("at step ")[1].split(" (t=")
+    assert float(t.rstrip(")").split(")")[0]) == pytest.approx(t_bad, rel=1e-5)
+    if solver not in ("heun", "heroism"):  # one evaluation per step: the step is the call's index
+        assert int(step) == first_bad
+    extra = len(calls) - 1 - first_bad
+    limit = FiniteGuard.CARRIED_CHECK_EVERY - 1
+    assert extra <= (limit if solver not in ("heun", "heroism") else 0)
 
 
 def test_network_returning_inf_is_caught():

@@ -210,7 +210,7 @@ def solve(
                     run.close()
                     break
                 preds = (msg.model or fmodel).evaluate(msg.xs, msg.nodes, view, scaled=msg.scaled)
-                guard.check(preds, msg.step, msg.nodes[0].t)
+                guard.check(preds, msg)
                 last_eval = (msg.xs[0], msg.nodes[0], preds[0])
                 first_eval.setdefault(msg.step, last_eval)
                 msg = run.send(preds)
@@ -226,7 +226,7 @@ def solve(
     finally:
         if bar is not None:
             bar.close()
-    guard.finish()
+    guard.finish(out)
     return out
 
 

@@ -53,6 +53,11 @@ class Evaluate(NamedTuple):
     coefficients saves one tensor operation per evaluation; drivers that ignore the flag answer with
     plain tensors, which stay valid.
 
+    ``carried``: the solver's next state combines its current state and these answers, each with a
+    nonzero weight, and its next request (or its result) is at that state; a NaN or Inf in an answer
+    then makes every later state non-finite, and a driver may check a state now and then instead of
+    every answer (:class:`fewstep.sample.FiniteGuard`). ``False`` asks for each answer to be checked.
+
     Messages are immutable named tuples rather than frozen dataclasses: one is made per step, and a
     frozen dataclass's ``__init__`` costs about 0.5 us more (a fixed part of a 20 us step). Drivers
     tell the two kinds apart with ``type(msg) is Evaluate``.
@@ -63,6 +68,7 @@ class Evaluate(NamedTuple):
     step: int
     model: Any = None
     scaled: bool = False
+    carried: bool = False
 
 
 class StepDone(NamedTuple):
@@ -388,6 +394,8 @@ class _LoopStep(NamedTuple):
     step: Step
     nodes: tuple[Node]  # the Evaluate request's nodes
     t_next: float  # the time the step reaches (StepDone)
+    #: the step's answer and its previous state both enter its new state (``Evaluate.carried``)
+    carried: bool
 
 
 def _loop_table(steps: list[Step], nodes: list[Node]) -> tuple[list[_LoopStep], bool]:
@@ -396,8 +404,9 @@ def _loop_table(steps: list[Step], nodes: list[Node]) -> tuple[list[_LoopStep], 
     table = []
     for i, st in enumerate(steps):
         weights = [(k, c) for k, c in enumerate(st.d) if c != 0.0]
+        carried = st.a != 0.0 and bool(weights) and weights[0][0] == 0
         table.append(_LoopStep(st.a, weights[0] if weights else None, weights[1:], st, (nodes[i],),
-                               nodes[i + 1].t if i + 1 < n else 0.0))
+                               nodes[i + 1].t if i + 1 < n else 0.0, carried))
     return table, any(st.noise != 0.0 or st.noise_prev != 0.0 for st in steps)
 
 
@@ -472,11 +481,11 @@ def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
     z = None
     state_weights = None if stochastic else plan._state_weight_tensors[
         torch.float64 if x.dtype == torch.float64 else torch.float32]
-    for i, (a, first, rest, step, nodes, t_next) in enumerate(table):
+    for i, (a, first, rest, step, nodes, t_next, carried) in enumerate(table):
         if i == 0 and plan.free_first:
             d, s = x, 1.0 / plan.initial_scale
         else:
-            (answer,) = yield Evaluate((x,), nodes, i, None, True)
+            (answer,) = yield Evaluate((x,), nodes, i, None, True, carried)
             d, s = answer if type(answer) is tuple else (answer, 1.0)  # _as_scaled, inline
         history.insert(0, d)
         scales.insert(0, s)
