@@ -266,6 +266,7 @@ def test_overhead_contenders_run_and_agree():
         out = c.loop(c.setup())
         assert torch.isfinite(out).all()
     by = {c.label: c for c in items}
+    assert set(overhead.MULTISTEP) <= set(by)  # the "every multistep solver" verdict names them all
     # the bench's bare loop drives the same generator as fewstep.sample
     ddim = by["fewstep ddim"]
     assert torch.allclose(ddim.loop(ddim.setup()), ddim.whole(), rtol=0, atol=1e-6)

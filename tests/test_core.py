@@ -305,6 +305,42 @@ def test_explicit_grid_and_callback():
     assert all(s[2] == (2, 16) and s[3] == (2, 16) for s in seen)
 
 
+@pytest.mark.parametrize("solver, options", [("ddim", {}), ("unipc", {"order": 3}), ("heroism", {"order": 2})])
+def test_quiet_stops_step_events_and_changes_no_bits(solver, options):
+    # A driver without a callback answers StepDone with QUIET: the multistep loop then announces no
+    # more steps (one generator round trip less per step); solvers that ignore it keep announcing.
+    from fewstep.solvers.base import QUIET, Evaluate, StepDone
+
+    model = _gmm_model()
+    noise = torch.randn(3, 16, dtype=F64, generator=torch.Generator().manual_seed(4))
+    slv = fewstep.solvers.get(solver, **options)
+    times = grids.make("logsnr", model.schedule, slv.num_points(8))
+    plan = slv.prepare(model.schedule, times)
+    view = slv.view(plan)
+
+    def drive(reply):
+        run, events = slv.run(plan, noise * model.schedule.initial_scale, None), 0
+        msg = next(run)
+        try:
+            while True:
+                if type(msg) is Evaluate:
+                    msg = run.send(model.evaluate(msg.xs, msg.nodes, view, scaled=msg.scaled))
+                else:
+                    events += type(msg) is StepDone
+                    msg = run.send(reply)
+        except StopIteration as stop:
+            return stop.value, events
+
+    loud, n_loud = drive(None)
+    quiet, n_quiet = drive(QUIET)
+    assert torch.equal(loud, quiet)
+    assert n_loud >= 4
+    assert n_quiet == (1 if solver != "heroism" else n_loud)
+    with_callback = fewstep.sample(model, noise, solver=solver, nfe=8, grid="logsnr", callback=lambda d: None,
+                                   **options)
+    assert torch.equal(with_callback, fewstep.sample(model, noise, solver=solver, nfe=8, grid="logsnr", **options))
+
+
 def test_progress_bar_counts_evaluations():
     class Bar:
         n = 0

@@ -26,7 +26,7 @@ from . import grids as _grids
 from .model import Model, NetworkOutputError, combine_view, view_coefficients
 from .noise import NoiseSource
 from .solvers import get as get_solver, Solver
-from .solvers.base import Evaluate, StepDone
+from .solvers.base import QUIET, Evaluate, StepDone
 
 __all__ = ["sample", "SamplingError", "SampleInfo", "plan_for", "recommended"]
 
@@ -285,7 +285,7 @@ class FiniteGuard:
         self.immediate = device.type == "cpu"
         self.solver_name = solver_name
         self.pending: list[tuple[torch.Tensor, int, float]] = []  # sums to check at the end (accelerators)
-        self.held: list[tuple[Any, Evaluate]] = []  # carried answers not yet checked (CPU)
+        self.held: list[tuple[Any, int, float]] = []  # carried answers not yet checked (CPU)
 
     def check(self, answers, request: Evaluate):
         """Check (or hold, see the class docstring) the answers to ``request``."""
@@ -294,29 +294,29 @@ class FiniteGuard:
             # the state this request evaluates at carries every held answer
             if held and (len(held) >= self.CARRIED_CHECK_EVERY or not request.carried):
                 self._settle(request.xs[0])
-            if request.carried:
-                held.append((answers, request))
+            if request.carried:  # the answers only: holding the request would keep its state alive
+                held.append((answers, request.step, request.nodes[0].t))
                 return
-        self._check_each(answers, request)
+        self._check_each(answers, request.step, request.nodes[0].t)
 
-    def _check_each(self, answers, request: Evaluate):
+    def _check_each(self, answers, step: int, t: float):
         for v in answers:
             if type(v) is tuple:  # a scaled answer (u, s): u carries any NaN/Inf, s is a finite float
                 v = v[0]
             s = _finite_sum(v)
             if self.immediate:
                 if not math.isfinite(float(s)):
-                    self._raise(request.step, request.nodes[0].t)
+                    self._raise(step, t)
             else:
-                self.pending.append((s, request.step, request.nodes[0].t))
+                self.pending.append((s, step, t))
 
     def _settle(self, state: torch.Tensor | None):
         """Check the held answers through ``state``; sum them one by one only if it is not finite."""
         held, self.held = self.held, []
         if state is not None and math.isfinite(float(_finite_sum(state))):
             return
-        for answers, request in held:
-            self._check_each(answers, request)
+        for answers, step, t in held:
+            self._check_each(answers, step, t)
 
     def finish(self, result: torch.Tensor | None = None):
         """After the last request; ``result`` is the solver's result (it carries any held answer)."""
@@ -460,7 +460,10 @@ def sample(
                 last = (msg, preds)
                 msg = send(preds)
             else:
-                if callback is not None and type(msg) is StepDone:
+                if callback is None:
+                    msg = send(QUIET)  # no one reads the steps: solvers may stop announcing them
+                    continue
+                if type(msg) is StepDone:
                     callback(_callback_dict(msg, last, view))
                 msg = send(None)
     except StopIteration as stop:

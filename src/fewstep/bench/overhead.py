@@ -42,7 +42,7 @@ from .. import grids as _grids
 from .. import solvers as _solvers
 from ..model import Model
 from ..sample import default_grid, sample
-from ..solvers.base import Evaluate, REGISTRY
+from ..solvers.base import QUIET, Evaluate, REGISTRY
 from . import targets as _targets
 from .report import Report, fmt, markdown_table
 
@@ -66,6 +66,8 @@ FEWSTEP_SOLVERS = (
     ("ipndm", {}),
     ("heun", {}),
 )
+#: the multistep solvers among them (the benchmark issue's overhead target names these)
+MULTISTEP = ("fewstep dpm++ o2", "fewstep unipc o2", "fewstep unipc o3", "fewstep deis", "fewstep ipndm")
 #: diffusers schedulers timed (label, class name, config)
 PEERS = (
     (HEADLINE_PEER, "DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
@@ -146,7 +148,7 @@ def _fewstep_contender(label, name, opts, model, noise, steps) -> Contender:
                 if type(msg) is Evaluate:
                     msg = run.send(model.evaluate(msg.xs, msg.nodes, view, scaled=msg.scaled))
                 else:
-                    msg = run.send(None)
+                    msg = run.send(QUIET)  # no callback: as fewstep.sample answers StepDone then
         except StopIteration as stop:
             return stop.value
 
@@ -344,6 +346,14 @@ def run(args) -> Report:
                                f"{'met' if ok_abs else 'NOT met'}); {fmt(r)} of {HEADLINE_PEER} "
                                f"(target ≤ 1/6: {'met' if ok_rel else 'NOT met'}; diffusers {fmt(1 / r)}x slower).")
                 profile_needed |= not (ok_abs and ok_rel)
+            multistep = [c for c in items if c.group == "fewstep" and c.label in MULTISTEP]
+            for what, key in (("whole call", "whole_median"), ("loop only", "loop_median")):
+                if multistep:
+                    worst = max(multistep, key=lambda c: getattr(c, key))
+                    r = getattr(worst, key) / getattr(peer, key)
+                    verdict.append(f"- every multistep solver ({', '.join(c.label[len('fewstep '):] for c in multistep)}), "
+                                   f"{what}, medians: at most {fmt(r)} of {HEADLINE_PEER} ({worst.label}; target "
+                                   f"≤ 1/6: {'met' if r <= TARGET_RATIO else 'NOT met'}).")
         adapter = next((c for c in items if c.group == "adapter"), None)
         adapter_slow = False
         if adapter is not None and head is not None:

@@ -6,7 +6,9 @@ predictions:
 
 * ``Evaluate(xs, nodes, step)`` – evaluate the model's view at each ``(x, node)`` pair, all in one
   batched network call; the driver sends back a list of tensors.
-* ``StepDone(i, t, x)`` – step ``i`` reached time ``t`` with state ``x``; the driver sends ``None``.
+* ``StepDone(i, t, x)`` – step ``i`` reached time ``t`` with state ``x``; the driver sends ``None``,
+  or :data:`QUIET` when it needs no more of them (no callback): a solver may then stop yielding
+  them, which saves a generator round trip per step (``run_multistep`` does; others may ignore it).
 
 The generator returns the final clean sample. ``fewstep.sample``, the diffusers scheduler adapter,
 the k-diffusion-style functions and the distributed runner all drive the same generator.
@@ -29,6 +31,7 @@ from ..schedules import Node, Schedule, ZERO_NOISE
 __all__ = [
     "Evaluate",
     "StepDone",
+    "QUIET",
     "Solver",
     "MultistepPlan",
     "Step",
@@ -78,6 +81,14 @@ class StepDone(NamedTuple):
     t: float
     x: torch.Tensor
 
+
+class _Quiet:
+    def __repr__(self) -> str:
+        return "QUIET"
+
+
+#: A driver's reply to :class:`StepDone`: send no more of them in this run (see the module docstring).
+QUIET = _Quiet()
 
 SolverRun = Generator[Any, Any, torch.Tensor]
 
@@ -481,6 +492,7 @@ def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
     z = None
     state_weights = None if stochastic else plan._state_weight_tensors[
         torch.float64 if x.dtype == torch.float64 else torch.float32]
+    events = True  # StepDone messages, until the driver answers one with QUIET
     for i, (a, first, rest, step, nodes, t_next, carried) in enumerate(table):
         if i == 0 and plan.free_first:
             d, s = x, 1.0 / plan.initial_scale
@@ -508,7 +520,8 @@ def _run_fused(plan: MultistepPlan, fused: tuple, x: torch.Tensor,
             for k, c in rest:
                 out.add_(history[k], alpha=c * scales[k])
             x = out
-        yield StepDone(i, t_next, x)
+        if events and (yield StepDone(i, t_next, x)) is QUIET:
+            events = False
     return x
 
 
