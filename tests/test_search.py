@@ -281,14 +281,16 @@ def test_bundled_lookup():
 def test_shipped_testbed_solvers_beat_every_training_free_start(target):
     """Every shipped testbed solver runs through fewstep.sample (bundled short name) and, on noise
     neither the search nor the benchmark used, beats the best training-free solver of its search
-    space (DDIM / DPM-Solver++ 2M, 3M on four grids, three end shares) by 2x at least."""
+    space (DDIM / DPM-Solver++ 2M, 3M on four grids, three end shares) by 2x at least. 1024 draws:
+    with 128, one solver's ratio moved 0.31-0.54 between noise sets (a few samples that end at
+    another mixture component carry most of gmm16's error)."""
     from fewstep import search
     from fewstep.bench import targets
 
     sch = targets.linear_schedule()
     gm = targets.exact_testbed(target)
     model = gm.model(sch, prediction="eps", dtype=F64)
-    noise = torch.randn(128, gm.dim, dtype=F64, generator=torch.Generator().manual_seed(2024))
+    noise = torch.randn(1024, gm.dim, dtype=F64, generator=torch.Generator().manual_seed(2024))
     reference = gm.reference(noise, sch)
     rollout_model = R.differentiable_testbed(gm, sch)
     for nfe in SHIPPED_NFES:
@@ -516,7 +518,7 @@ def test_bridge_off_is_the_old_behaviour(tmp_path):
     from safetensors import safe_open
 
     sch = linear_vp()
-    for name in ("gmm16-nfe8", "gmm64-nfe5", "gmm2d-nfe10"):  # unbridged shipped files (with and without a start)
+    for name in ("gmm2d-nfe8", "gmm64-nfe5", "gmm2d-nfe10"):  # unbridged shipped files (with and without a start)
         f = fileformat.load(fewstep.solvers.searched.resolve_path(name))
         assert f.params.bridge is False and not f.params.bridged
         table = P.step_table(f.params, sch)
