@@ -318,18 +318,16 @@ def test_quiet_stops_step_events_and_changes_no_bits(solver, options):
     plan = slv.prepare(model.schedule, times)
     view = slv.view(plan)
 
-    def drive(reply):
-        run, events = slv.run(plan, noise * model.schedule.initial_scale, None), 0
-        msg = next(run)
-        try:
-            while True:
-                if type(msg) is Evaluate:
-                    msg = run.send(model.evaluate(msg.xs, msg.nodes, view, scaled=msg.scaled))
-                else:
-                    events += type(msg) is StepDone
-                    msg = run.send(reply)
-        except StopIteration as stop:
-            return stop.value, events
+    def drive(reply):  # answer every StepDone with `reply`; count them
+        run, events, answer = slv.run(plan, noise * model.schedule.initial_scale, None), 0, None
+        while True:
+            try:
+                msg = run.send(answer)  # the first send(None) starts the generator
+            except StopIteration as stop:
+                return stop.value, events
+            is_request = type(msg) is Evaluate
+            events += type(msg) is StepDone
+            answer = model.evaluate(msg.xs, msg.nodes, view, scaled=msg.scaled) if is_request else reply
 
     loud, n_loud = drive(None)
     quiet, n_quiet = drive(QUIET)
