@@ -67,7 +67,7 @@ INIT_GRIDS = ("logsnr", "karras", "uniform", "quadratic")
 INIT_SHARES = (0.0, 0.03, 0.1)
 #: Truncated starts (log-SNR where sampling begins from pure noise) of the starting grids with a
 #: searched start: where fewstep's default sampler started below NFE 13 when the bundled solvers
-#: were searched (-3.24, or -4.1 at NFE 10-12; now -3.24 throughout, ``sample.py``).
+#: were searched (-3.24, or -4.1 at NFE 10-12; ``sample.py`` now starts NFE 9-12 at -4.1, 8 and below at -3.24).
 INIT_STARTS = (-3.24, -4.1)
 #: the loss an L-BFGS line-search trial outside the schedule gets (see ``_advance_lbfgs``)
 REJECTED_LOSS = 1e30
@@ -133,12 +133,10 @@ def _sum_over_ranks(values: list[float], ctx: Context | None) -> list[float]:
 
 
 @torch.no_grad()
-def _times_finite(params: SolverParameters, schedule) -> bool:
-    try:
-        step_table(params, schedule)
-    except NonFiniteTimes:
-        return False
-    return True
+def _check_times(params: SolverParameters, schedule) -> None:
+    """Raise :class:`NonFiniteTimes` where ``params`` leave the schedule, as a rank with samples
+    does inside its loss: a rank that holds no samples must stop with the others."""
+    step_table(params, schedule)
 
 
 @torch.no_grad()
@@ -534,8 +532,8 @@ class _Fit:
         chunks and ranks is the global mean: the number and gradient one process would compute.
         """
         total_loss, total_end = 0.0, 0.0
-        if self.samples == 0 and not _times_finite(params, self.schedule):
-            raise NonFiniteTimes("params: outside the schedule")  # as the ranks with samples raise
+        if self.samples == 0:
+            _check_times(params, self.schedule)
         for lo in range(0, self.samples, self.chunk):
             index = torch.arange(lo, min(lo + self.chunk, self.samples))
             l, e = self.loss(params, index, index.numel() / self.global_samples)
@@ -665,8 +663,8 @@ class _Fit:
             try:
                 if local.numel():
                     _, e = self.loss(run.params, local, local.numel() / index.numel())
-                elif not _times_finite(run.params, self.schedule):  # a rank without samples stops too
-                    raise NonFiniteTimes("params: outside the schedule")
+                else:
+                    _check_times(run.params, self.schedule)
             except NonFiniteTimes:
                 # Adam cannot take the step back: stop, keeping the best validated point
                 run.stop = f"stopped at iteration {run.step}: the parameters left the schedule (lower lr)"
